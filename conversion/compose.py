@@ -1,0 +1,37 @@
+"""``compose``: a fresh GenieBlue Hub folder from a base causal LM and a SigLIP vision tower.
+
+This is the starting point of training: replicated blocks are copies of the base blocks and every LoRA ``B`` is
+zero. The folder is written next to ``output_dir`` under a temporary name and renamed at the end, so a failure
+leaves no partial output behind.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+
+
+logger = logging.getLogger(__name__)
+
+
+def compose(language_model, vision_model, output_dir, overwrite=False, max_shard_size="2GB", **config_overrides):
+    """Compose a GenieBlue model with ``from_base`` and save it to ``output_dir`` atomically; returns the model."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True to replace it")
+    model = GenieBlueForConditionalGeneration.from_base(language_model, vision_model, **config_overrides)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("composed GenieBlue (%s replicated blocks) into %s", len(model.replicated_layers), output_dir)
+    return model

@@ -1,0 +1,93 @@
+import pytest
+from transformers import AutoConfig, PreTrainedConfig
+
+from genieblue_hf import GenieBlueConfig
+
+from conftest import tiny_text_config, tiny_vision_config
+
+
+def make(**overrides):
+    return GenieBlueConfig(text_config=tiny_text_config(), vision_config=tiny_vision_config(), **overrides)
+
+
+def test_defaults_follow_the_paper():
+    config = GenieBlueConfig(
+        text_config=tiny_text_config(num_hidden_layers=36), vision_config=tiny_vision_config()
+    )
+    assert config.replication_strategy == "skip" and config.replication_interval == 4
+    assert config.replicated_layers == [3, 7, 11, 15, 19, 23, 27, 31, 35]  # 9 blocks for 36 layers
+    assert config.lora_layers == [i for i in range(36) if i % 4 != 3]
+    assert config.lora_rank == 8
+    assert set(config.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert config.image_token_id == config.text_config.vocab_size  # outside the base vocabulary
+    assert config.image_tokens_per_tile == 4
+
+
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [("skip", [3, 7]), ("pre", [0, 1]), ("post", [6, 7]), ([0, 5], [0, 5])],
+)
+def test_replication_strategies(strategy, expected):
+    assert make(replication_strategy=strategy).replicated_layers == expected
+
+
+def test_lora_scaling_plain_and_rslora():
+    assert make(lora_rank=8, lora_alpha=16).lora_scaling == 2.0
+    assert make(lora_rank=16, lora_alpha=8, use_rslora=True).lora_scaling == 2.0
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(replication_strategy=[0, 8]), "replication_strategy"),
+        (dict(replication_strategy=[1, 1]), "replication_strategy"),
+        (dict(replication_strategy="middle"), "replication_strategy"),
+        (dict(replication_interval=0), "replication_interval"),
+        (dict(replication_interval=9), "selects no layer"),
+        (dict(lora_rank=0), "lora_rank"),
+        (dict(lora_rank=-2), "lora_rank"),
+        (dict(lora_alpha=0), "lora_alpha"),
+        (dict(lora_dropout=1.5), "lora_dropout"),
+        (dict(lora_target_modules=[]), "lora_target_modules"),
+        (dict(lora_execution_mode="fused"), "lora_execution_mode"),
+        (dict(image_token_id=-1), "image_token_id"),
+        (dict(downsample_ratio=3), "downsample_ratio"),
+    ],
+)
+def test_invalid_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        make(**overrides)
+
+
+def test_sub_configs_missing_fields_are_named():
+    with pytest.raises(ValueError, match="text_config is missing the field `hidden_size`"):
+        GenieBlueConfig(text_config=PreTrainedConfig(), vision_config=tiny_vision_config())
+    with pytest.raises(ValueError, match="vision_config is missing the field `image_size`"):
+        GenieBlueConfig(text_config=tiny_text_config(), vision_config=PreTrainedConfig(hidden_size=8))
+    with pytest.raises(ValueError, match="text_config must be"):
+        GenieBlueConfig(text_config=42, vision_config=tiny_vision_config())
+    with pytest.raises(ValueError, match="model_type"):
+        GenieBlueConfig(text_config={"model_type": "no-such-model"}, vision_config=tiny_vision_config())
+
+
+GENIEBLUE_FIELDS = (
+    "replication_strategy", "replication_interval", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "use_rslora", "lora_execution_mode", "image_token_id", "projector_hidden_act", "downsample_ratio",
+    "vision_feature_layer",
+)
+
+
+def assert_same_config(a, b):
+    for field in GENIEBLUE_FIELDS:
+        assert getattr(a, field) == getattr(b, field), field
+    assert a.text_config.to_diff_dict() == b.text_config.to_diff_dict()
+    assert a.vision_config.to_diff_dict() == b.vision_config.to_diff_dict()
+    assert type(a.text_config) is type(b.text_config)
+
+
+def test_round_trips(tmp_path):
+    config = make(replication_strategy=[2, 5], lora_rank=4, use_rslora=True, lora_execution_mode="merged")
+    assert_same_config(config, GenieBlueConfig.from_dict(config.to_dict()))
+    config.save_pretrained(tmp_path)
+    assert_same_config(config, GenieBlueConfig.from_pretrained(tmp_path))
+    assert_same_config(config, AutoConfig.from_pretrained(tmp_path))

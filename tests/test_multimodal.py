@@ -1,0 +1,298 @@
+"""The multimodal path: features, sticky routing through generate, mixed batches, LoRA modes, training."""
+
+import pytest
+import torch
+
+from genieblue_hf import GenieBlueForConditionalGeneration, lora_execution_mode
+
+from conftest import (
+    TOKENS_PER_TILE, base_twin, image_row, left_pad, state_hash, text_batch, tiny_base, tiny_genieblue,
+)
+
+
+def greedy_without_cache(model, input_ids, pixel_values, steps):
+    """Reference decoding: recompute the whole sequence (images included) at every step."""
+    sequence = input_ids
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=sequence, pixel_values=pixel_values, use_cache=False).logits
+            sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=-1)
+    return sequence
+
+
+class RouteSpy:
+    """Counts which path each forward of a model runs."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls = []
+        for name in ("_text_forward", "_multimodal_forward"):
+            original = getattr(model, name)
+
+            def spy(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(model, name, spy)
+
+
+def test_from_base_multimodal_path_starts_equal_to_base_on_text(kind):
+    model = tiny_genieblue(kind, perturb=False)
+    twin = base_twin(model)
+    input_ids = text_batch()
+    with torch.no_grad():
+        multimodal = model(input_ids=input_ids, route="multimodal").logits
+    assert torch.equal(multimodal, twin(input_ids=input_ids).logits)
+    for tree in model.lora.values():
+        assert all(torch.count_nonzero(a.lora_B) == 0 for a in tree.adapters().values())
+    for index, replica in model.replicated_layers.items():
+        base_layer = model.language_model.model.layers[int(index)]
+        assert replica is not base_layer
+        assert all(torch.equal(a, b) for a, b in zip(replica.state_dict().values(), base_layer.state_dict().values()))
+
+
+def test_from_base_accepts_local_paths(tmp_path):
+    base = tiny_base("llama")
+    vision = tiny_genieblue("llama").vision_tower
+    base.save_pretrained(tmp_path / "llm")
+    vision.save_pretrained(tmp_path / "vit")
+    model = GenieBlueForConditionalGeneration.from_base(tmp_path / "llm", str(tmp_path / "vit"), lora_rank=4)
+    assert type(model.language_model).__name__ == "LlamaForCausalLM"
+    assert model.config.lora_rank == 4
+    assert state_hash(model.language_model) == state_hash(base)
+
+
+def test_multimodal_generate_with_cache_equals_recompute_and_stays_on_its_path(kind, monkeypatch):
+    model = tiny_genieblue(kind)
+    row, pixels = image_row(model, num_images=2)
+    expected = greedy_without_cache(model, row[None], pixels, steps=6)
+    spy = RouteSpy(model, monkeypatch)
+    generated = model.generate(input_ids=row[None], pixel_values=pixels, max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated, expected)
+    assert spy.calls == ["_multimodal_forward"] * 6  # prefill + 5 decode steps, none on the text path
+    # the same prompt through the base gives other tokens, so a wrong route could not hide
+    text_only = row[None].masked_fill(row[None] == model.config.image_token_id, 5)
+    assert not torch.equal(
+        model.generate(input_ids=text_only, max_new_tokens=6, do_sample=False)[:, -6:], generated[:, -6:]
+    )
+
+
+def test_generate_never_emits_the_image_token():
+    model = tiny_genieblue("qwen2", image_token_id=7)  # a reserved id inside the base vocabulary
+    row, pixels = image_row(model)
+    with torch.no_grad():
+        logits = model(input_ids=row[None], pixel_values=pixels).logits
+    assert torch.isneginf(logits[..., 7]).all()
+    generated = model.generate(input_ids=row[None], pixel_values=pixels, max_new_tokens=8, do_sample=False)
+    assert (generated[0, len(row):] != 7).all()
+
+
+def mixed_batch(model):
+    rows, pixels = [], []
+    text = text_batch(batch=1, length=9, seed=3)[0]
+    one, one_px = image_row(model, num_images=1, seed=4)
+    two, two_px = image_row(model, num_images=2, seed=5)
+    input_ids, attention_mask = left_pad([one, text, two])
+    return [one, text, two], [one_px, None, two_px], input_ids, attention_mask, torch.cat([one_px, two_px])
+
+
+def test_mixed_batch_rows_equal_their_single_runs(kind):
+    model = tiny_genieblue(kind)
+    twin = base_twin(model)
+    rows, row_pixels, input_ids, attention_mask, pixels = mixed_batch(model)
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels)
+        assert mixed.multimodal_rows.tolist() == [True, False, True]
+        # text row: the base itself on that row, bit for bit
+        text_alone = twin(input_ids=input_ids[1:2], attention_mask=attention_mask[1:2]).logits
+        assert torch.equal(mixed.logits[1:2], text_alone)
+        for i in (0, 2):
+            alone = model(input_ids=input_ids[i : i + 1], attention_mask=attention_mask[i : i + 1],
+                          pixel_values=row_pixels[i]).logits
+            assert torch.allclose(mixed.logits[i : i + 1], alone, atol=1e-5)
+
+
+def test_mixed_batch_generate_equals_rows_alone(kind):
+    model = tiny_genieblue(kind)
+    twin = base_twin(model)
+    rows, row_pixels, input_ids, attention_mask, pixels = mixed_batch(model)
+    generated = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, max_new_tokens=6, do_sample=False
+    )
+    text_alone = twin.generate(
+        input_ids=input_ids[1:2], attention_mask=attention_mask[1:2], max_new_tokens=6, do_sample=False
+    )
+    assert torch.equal(generated[1:2], text_alone)
+    for i in (0, 2):
+        alone = model.generate(
+            input_ids=input_ids[i : i + 1], attention_mask=attention_mask[i : i + 1], pixel_values=row_pixels[i],
+            max_new_tokens=6, do_sample=False,
+        )
+        assert torch.equal(generated[i : i + 1], alone)
+
+
+def test_mixed_batch_loss_covers_both_paths():
+    model = tiny_genieblue("qwen2")
+    rows, _, input_ids, attention_mask, pixels = mixed_batch(model)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, labels=labels)
+        manual = model.language_model.loss_function(
+            logits=out.logits, labels=labels.masked_fill(input_ids == model.config.image_token_id, -100),
+            vocab_size=model.config.text_config.vocab_size,
+        )
+    assert torch.isfinite(out.loss) and torch.equal(out.loss, manual)
+
+
+def test_lora_modes_agree_and_never_write_the_base():
+    model = tiny_genieblue("qwen2")
+    base_hash = state_hash(model.language_model)
+    row, pixels = image_row(model)
+    with torch.no_grad():
+        unmerged = model(input_ids=row[None], pixel_values=pixels, lora_mode="unmerged").logits
+        merged = model(input_ids=row[None], pixel_values=pixels, lora_mode="merged").logits
+        with lora_execution_mode("merged"):
+            merged_ctx = model(input_ids=row[None], pixel_values=pixels).logits
+    assert not torch.equal(unmerged, model(input_ids=row[None].masked_fill(row[None] == 96, 5)).logits)
+    assert torch.allclose(unmerged, merged, atol=1e-5)
+    assert torch.equal(merged, merged_ctx)
+    assert state_hash(model.language_model) == base_hash
+
+
+def test_merged_weights_follow_lora_updates():
+    model = tiny_genieblue("qwen2", lora_execution_mode="merged")
+    row, pixels = image_row(model)
+    with torch.no_grad():
+        before = model(input_ids=row[None], pixel_values=pixels).logits
+        adapter = model.lora["0"].self_attn.q_proj
+        adapter.lora_B.add_(0.5)  # in place, as an optimizer step does
+        after_merged = model(input_ids=row[None], pixel_values=pixels).logits
+        after_unmerged = model(input_ids=row[None], pixel_values=pixels, lora_mode="unmerged").logits
+    assert not torch.allclose(before, after_merged, atol=1e-4)
+    assert torch.allclose(after_merged, after_unmerged, atol=1e-5)
+
+
+def test_gradients_reach_only_the_multimodal_parts():
+    model = tiny_genieblue("qwen2").train()
+    rows, _, input_ids, attention_mask, pixels = mixed_batch(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, labels=input_ids)
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        if name.startswith("language_model."):
+            assert not param.requires_grad and param.grad is None, name
+        else:
+            assert param.requires_grad, name
+    for part in ("vision_tower", "multi_modal_projector", "replicated_layers", "lora"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(part + ".")]
+        assert grads and all(g is not None for g in grads), part
+        assert any(torch.count_nonzero(g) for g in grads), part
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        model = tiny_genieblue("qwen2").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        row, pixels = image_row(model)
+        model(input_ids=row[None], pixel_values=pixels, labels=row[None]).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and plain
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+def test_multimodal_hidden_states_and_eager_attention():
+    model = tiny_genieblue("llama")
+    model.set_attn_implementation("eager")
+    row, pixels = image_row(model)
+    with torch.no_grad():
+        eager = model(input_ids=row[None], pixel_values=pixels, output_hidden_states=True)
+        model.set_attn_implementation("sdpa")
+        sdpa = model(input_ids=row[None], pixel_values=pixels, output_hidden_states=True)
+    assert len(eager.hidden_states) == model.config.text_config.num_hidden_layers + 1
+    assert torch.allclose(eager.logits, sdpa.logits, atol=1e-5)
+    assert eager.image_hidden_states.shape == (1, TOKENS_PER_TILE, model.config.text_config.hidden_size)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_round_trip_keeps_both_paths(tmp_path, tied):
+    base = tiny_base("qwen2", tie_word_embeddings=tied)
+    from transformers import SiglipVisionModel
+    from conftest import perturb_multimodal, tiny_vision_config
+
+    model = GenieBlueForConditionalGeneration.from_base(base, SiglipVisionModel(tiny_vision_config())).eval()
+    perturb_multimodal(model)
+    row, pixels = image_row(model)
+    text = text_batch()
+    model.save_pretrained(tmp_path)
+    reloaded = GenieBlueForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert state_hash(reloaded) == state_hash(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=row[None], pixel_values=pixels).logits,
+                           model(input_ids=row[None], pixel_values=pixels).logits)
+        assert torch.equal(reloaded(input_ids=text).logits, model(input_ids=text).logits)
+    assert not any(p.requires_grad for p in reloaded.language_model.parameters())
+
+
+def test_bfloat16_load_and_device_map(tmp_path):
+    model = tiny_genieblue("qwen2")
+    model.save_pretrained(tmp_path)
+    loaded = GenieBlueForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto")
+    assert loaded.language_model.dtype == torch.bfloat16
+    twin = base_twin(loaded)
+    row, pixels = image_row(loaded)
+    text = text_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=text).logits, twin(input_ids=text).logits)
+        assert loaded(input_ids=row[None], pixel_values=pixels).logits.dtype == torch.bfloat16
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+
+def test_image_token_count_mismatch_is_named():
+    model = tiny_genieblue("qwen2")
+    row, pixels = image_row(model, num_images=2)
+    with pytest.raises(ValueError, match=r"8 placeholder tokens.*3 tiles x 4 tokens = 12"):
+        model(input_ids=row[None], pixel_values=torch.cat([pixels, pixels[:1]]))
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((1, 3, 8, 8), r"shape \(num_tiles, 3, 16, 16\)"), ((3, 16, 16), "shape"), ((1, 1, 16, 16), "shape")],
+)
+def test_wrong_pixel_values_shape_is_named(shape, message):
+    model = tiny_genieblue("qwen2")
+    row, _ = image_row(model)
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=row[None], pixel_values=torch.randn(shape))
+
+
+def test_routing_errors_are_named():
+    model = tiny_genieblue("qwen2")
+    row, pixels = image_row(model)
+    text = text_batch(batch=1)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=row[None])
+    with pytest.raises(ValueError, match="no image placeholder"):
+        model(input_ids=text, pixel_values=pixels)
+    with pytest.raises(ValueError, match="route='text'"):
+        model(input_ids=row[None], pixel_values=pixels, route="text")
+    with pytest.raises(ValueError, match="route must be one of"):
+        model(input_ids=text, route="vision")
+    with pytest.raises(ValueError, match="lora_mode must be one of"):
+        model(input_ids=row[None], pixel_values=pixels, lora_mode="fused")
+    with pytest.raises(ValueError, match="pixel_values must be a floating-point"):
+        model(input_ids=row[None], pixel_values=torch.zeros(1, 3, 16, 16, dtype=torch.long))
+    with torch.no_grad():
+        cache = model(input_ids=text, use_cache=True).past_key_values
+    follow_up = torch.cat([row[None], text[:, :1]], dim=-1)
+    with pytest.raises(ValueError, match="image cannot join a text-path KV cache"):
+        model(input_ids=follow_up, pixel_values=pixels, past_key_values=cache)
+    with pytest.raises(NotImplementedError, match="never resizes"):
+        model.resize_token_embeddings(200)
+
+
+def test_lora_targets_that_match_nothing_are_named():
+    with pytest.raises(ValueError, match=r"match no nn.Linear in decoder layer 0; its linears are \['down_proj'"):
+        tiny_genieblue("qwen2", lora_target_modules=["query_key_value"])
