@@ -296,3 +296,24 @@ def test_routing_errors_are_named():
 def test_lora_targets_that_match_nothing_are_named():
     with pytest.raises(ValueError, match=r"match no nn.Linear in decoder layer 0; its linears are \['down_proj'"):
         tiny_genieblue("qwen2", lora_target_modules=["query_key_value"])
+
+
+def test_device_map_with_offloaded_blocks_keeps_both_paths(tmp_path):
+    """accelerate's dispatch hooks (here: disk offload of a LoRA block and a replicated slot) reach the view too."""
+    model = tiny_genieblue("qwen2")
+    model.save_pretrained(tmp_path / "model")
+    device_map = {name: "cpu" for name in ("vision_tower", "multi_modal_projector", "replicated_layers", "lora",
+                                           "language_model.lm_head", "language_model.model.embed_tokens",
+                                           "language_model.model.norm", "language_model.model.rotary_emb")}
+    for i in range(model.config.text_config.num_hidden_layers):
+        device_map[f"language_model.model.layers.{i}"] = "disk" if i in (1, 3) else "cpu"
+    dispatched = GenieBlueForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    assert all(hasattr(layer, "_hf_hook") for layer in dispatched.language_model.model.layers)
+    row, pixels = image_row(model)
+    text = text_batch()
+    with torch.no_grad():
+        assert torch.equal(dispatched(input_ids=text).logits, model(input_ids=text).logits)
+        assert torch.allclose(dispatched(input_ids=row[None], pixel_values=pixels).logits,
+                              model(input_ids=row[None], pixel_values=pixels).logits, atol=1e-6)
