@@ -317,3 +317,49 @@ def test_device_map_with_offloaded_blocks_keeps_both_paths(tmp_path):
         assert torch.equal(dispatched(input_ids=text).logits, model(input_ids=text).logits)
         assert torch.allclose(dispatched(input_ids=row[None], pixel_values=pixels).logits,
                               model(input_ids=row[None], pixel_values=pixels).logits, atol=1e-6)
+
+
+def test_forced_multimodal_route_is_sticky_through_generate(monkeypatch):
+    """route="multimodal" on a text prompt (the paper's shared-base ablation) holds for every decode step."""
+    model = tiny_genieblue("llama")
+    twin = base_twin(model)
+    prompt = text_batch(batch=2, length=7)
+    spy = RouteSpy(model, monkeypatch)
+    generated = model.generate(input_ids=prompt, route="multimodal", max_new_tokens=5, do_sample=False)
+    assert spy.calls == ["_multimodal_forward"] * 5
+    assert torch.equal(generated, greedy_forced(model, prompt, steps=5))
+    assert not torch.equal(generated, twin.generate(input_ids=prompt, max_new_tokens=5, do_sample=False))
+
+
+def greedy_forced(model, input_ids, steps):
+    sequence = input_ids
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=sequence, route="multimodal", use_cache=False).logits
+            sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=-1)
+    return sequence
+
+
+def test_cache_continuation_keeps_the_multimodal_route(monkeypatch):
+    """A second turn over the first turn's KV cache stays on the path the conversation started on."""
+    model = tiny_genieblue("qwen2")
+    row, pixels = image_row(model)
+    first = model.generate(input_ids=row[None], pixel_values=pixels, max_new_tokens=3, do_sample=False,
+                           return_dict_in_generate=True)
+    follow_up = torch.cat([first.sequences, text_batch(batch=1, length=3, seed=9)], dim=-1)
+    spy = RouteSpy(model, monkeypatch)
+    continued = model.generate(input_ids=follow_up, past_key_values=first.past_key_values, max_new_tokens=3,
+                               do_sample=False)
+    assert set(spy.calls) == {"_multimodal_forward"}
+    assert torch.equal(continued, greedy_without_cache(model, follow_up, pixels, steps=3))
+
+
+def test_full_siglip_model_is_refused_with_a_hint():
+    from transformers import SiglipConfig, SiglipModel
+
+    full = SiglipModel(SiglipConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, vocab_size=50),
+                                    vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, image_size=16, patch_size=4)))
+    with pytest.raises(ValueError, match="pass its vision tower"):
+        GenieBlueForConditionalGeneration.from_base(tiny_base("qwen2"), full)
