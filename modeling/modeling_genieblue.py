@@ -128,15 +128,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = GenieBlueMultiModalProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        layers_path, base_layers = find_decoder_layers(self.language_model, config.text_config.num_hidden_layers)
-        lm_config = self.language_model.config
-        self.replicated_layers = nn.ModuleDict(
-            {str(i): copy_decoder_layer(base_layers[i], lm_config) for i in config.replicated_layers}
-        )
-        self.lora = nn.ModuleDict(
-            {str(i): LoraAdapterTree(self._adapters_for(base_layers[i], i)) for i in config.lora_layers}
-        )
-        self.__dict__["_layers_path"] = layers_path
+        self.__dict__["_layers_path"] = self._build_multimodal_blocks()
         self.__dict__["_route_registry"] = RouteRegistry()
         self.__dict__["_view"] = None
         self.__dict__["_view_key"] = None
@@ -145,6 +137,20 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         if self.language_model.device.type != "meta":
             self.reset_multimodal_from_base()
         self.language_model.requires_grad_(False)
+
+    def _build_multimodal_blocks(self):
+        """(Re)create ``.replicated_layers`` (copies of the base blocks) and ``.lora``; returns the blocks' path."""
+        config = self.config
+        layers_path, base_layers = find_decoder_layers(self.language_model, config.text_config.num_hidden_layers)
+        lm_config = self.language_model.config
+        self.replicated_layers = nn.ModuleDict(
+            {str(i): copy_decoder_layer(base_layers[i], lm_config) for i in config.replicated_layers}
+        )
+        self.replicated_layers.requires_grad_(True)
+        self.lora = nn.ModuleDict(
+            {str(i): LoraAdapterTree(self._adapters_for(base_layers[i], i)) for i in config.lora_layers}
+        )
+        return layers_path
 
     def _adapters_for(self, layer, index):
         adapters = build_lora_adapters(layer, set(self.config.lora_target_modules), self.config.lora_rank)
@@ -183,14 +189,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         model.config.text_config = language_model.config
         model.config.vision_config = vision_model.config
         device, dtype = language_model.device, language_model.dtype
-        _, base_layers = find_decoder_layers(language_model, config.text_config.num_hidden_layers)
-        model.replicated_layers = nn.ModuleDict(
-            {str(i): copy_decoder_layer(base_layers[i], language_model.config) for i in config.replicated_layers}
-        )
-        model.lora = nn.ModuleDict(
-            {str(i): LoraAdapterTree(model._adapters_for(base_layers[i], i)) for i in config.lora_layers}
-        )
-        model.replicated_layers.requires_grad_(True)
+        model.__dict__["_layers_path"] = model._build_multimodal_blocks()
         model.multi_modal_projector = GenieBlueMultiModalProjector(config).to(device=device, dtype=dtype)
         model._init_weights(model.multi_modal_projector.linear_1)
         model._init_weights(model.multi_modal_projector.linear_2)
