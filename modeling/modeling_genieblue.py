@@ -304,7 +304,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
             pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=layer != -1
         )
         features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
-        return self.multi_modal_projector(features)
+        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
 
     def get_placeholder_mask(self, input_ids):
         return input_ids == self.config.image_token_id

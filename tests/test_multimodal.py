@@ -363,3 +363,16 @@ def test_full_siglip_model_is_refused_with_a_hint():
                                                        num_attention_heads=2, image_size=16, patch_size=4)))
     with pytest.raises(ValueError, match="pass its vision tower"):
         GenieBlueForConditionalGeneration.from_base(tiny_base("qwen2"), full)
+
+
+def test_bfloat16_base_with_float32_vision_tower():
+    """from_base keeps each part's dtype; features are cast at the projector and again at the LLM embeddings."""
+    from transformers import SiglipVisionModel
+    from conftest import tiny_vision_config
+
+    base = tiny_base("qwen2").to(torch.bfloat16)
+    model = GenieBlueForConditionalGeneration.from_base(base, SiglipVisionModel(tiny_vision_config())).eval()
+    assert model.vision_tower.dtype == torch.float32 and model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16
+    row, pixels = image_row(model)
+    generated = model.generate(input_ids=row[None], pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, len(row) + 3)
