@@ -7,19 +7,31 @@ on a GenieBlue folder works without ``trust_remote_code`` when the package is in
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
 )
 
 from .modeling.configuration_genieblue import GenieBlueConfig
 from .modeling.genieblue_lora import lora_execution_mode
+from .modeling.image_processing_genieblue import GenieBlueImageProcessor
 from .modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from .modeling.processing_genieblue import GenieBlueProcessor
 
 
 AutoConfig.register(GenieBlueConfig.model_type, GenieBlueConfig, exist_ok=True)
 for _auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto.register(GenieBlueConfig, GenieBlueForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(GenieBlueConfig, slow_image_processor_class=GenieBlueImageProcessor, exist_ok=True)
+AutoProcessor.register(GenieBlueConfig, GenieBlueProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
-__all__ = ["GenieBlueConfig", "GenieBlueForConditionalGeneration", "lora_execution_mode"]
+__all__ = [
+    "GenieBlueConfig",
+    "GenieBlueForConditionalGeneration",
+    "GenieBlueImageProcessor",
+    "GenieBlueProcessor",
+    "lora_execution_mode",
+]

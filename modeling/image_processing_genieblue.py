@@ -1,0 +1,215 @@
+"""GenieBlue image processor: SigLIP-style normalisation with dynamic-resolution tiling.
+
+As in BlueLM-V / GenieBlue's "dynamic resolution processor", each image is resized to the grid of square tiles
+(at most ``max_tiles``) whose aspect ratio is closest to the image's, cut into those tiles, and (when it needs more
+than one tile) followed by a global thumbnail. A wide receipt thus becomes a row of tiles and a tall screenshot a
+column, each tile at the vision tower's native resolution.
+
+Every tile becomes ``image_tokens_per_tile`` placeholder tokens after the projector's token merging, so the number
+of placeholders an image needs is ``num_tiles * image_tokens_per_tile``.
+
+This file is Hub remote code: it imports only numpy, PIL, torch, transformers and the standard library. It derives
+from ``BaseImageProcessor`` and implements ``preprocess`` itself (PIL resizing, no torchvision), which every
+transformers 5.x release accepts from remote code.
+"""
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def best_tile_grid(width, height, max_tiles, tile_size):
+    """``(columns, rows)`` with ``columns * rows <= max_tiles`` whose aspect ratio is closest to ``width / height``.
+
+    Ties go to the larger grid when the image has enough pixels to fill it (InternVL's rule), so a big image is not
+    squeezed into one tile when four would show it at the same aspect ratio.
+    """
+    aspect = width / height
+    grids = sorted(
+        {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles},
+        key=lambda grid: (grid[0] * grid[1], grid[0]),
+    )
+    best, best_diff = (1, 1), float("inf")
+    for columns, rows in grids:
+        diff = abs(aspect - columns / rows)
+        if diff < best_diff - 1e-12:
+            best, best_diff = (columns, rows), diff
+        elif abs(diff - best_diff) <= 1e-12 and width * height > 0.5 * tile_size * tile_size * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def load_image(image):
+    """A PIL image from a PIL image, a path, bytes, a numpy array or a torch tensor, EXIF orientation applied."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+        except FileNotFoundError:
+            raise ValueError(f"image file not found: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"cannot read image file {path}: it is corrupt, truncated or not an image ({error})") from None
+        return image
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(image)) as opened:
+                opened.load()
+                return ImageOps.exif_transpose(opened).copy()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"cannot decode image bytes: corrupt, truncated or not an image ({error})") from None
+    if isinstance(image, Image.Image):
+        return ImageOps.exif_transpose(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().float().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return _array_to_pil(image)
+    raise ValueError(
+        f"unsupported image type {type(image).__name__}; pass a PIL image, a path, bytes, a numpy array or a tensor"
+    )
+
+
+def _array_to_pil(array):
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels first -> channels last
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"image arrays must be (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels, got {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        if array.size and (array.min() < 0 or array.max() > 1):
+            raise ValueError("floating-point image arrays must hold values in [0, 1]")
+        array = np.round(array * 255)
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def to_rgb(image):
+    """RGB, compositing any transparency onto white (RGBA, LA, P with transparency); CMYK and grey converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+class GenieBlueImageProcessor(BaseImageProcessor):
+    r"""Dynamic-resolution image processor for GenieBlue.
+
+    Args:
+        image_size: side in pixels of one tile (the vision tower's input size).
+        max_tiles: most tiles one image is cut into (the thumbnail not counted).
+        use_thumbnail: add a global thumbnail tile to images cut into more than one tile.
+        image_tokens_per_tile: placeholder tokens per tile (``(image_size / patch_size / downsample_ratio) ** 2``).
+        image_mean, image_std: normalisation (SigLIP: 0.5, 0.5).
+        resample: PIL resampling filter for resizing (default bicubic).
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size=384,
+        max_tiles=6,
+        use_thumbnail=True,
+        image_tokens_per_tile=144,
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+        resample=int(Image.Resampling.BICUBIC),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        if not isinstance(max_tiles, int) or max_tiles < 1:
+            raise ValueError(f"max_tiles must be a positive integer, got {max_tiles!r}")
+        if not isinstance(image_tokens_per_tile, int) or image_tokens_per_tile < 1:
+            raise ValueError(f"image_tokens_per_tile must be a positive integer, got {image_tokens_per_tile!r}")
+        self.image_size = image_size
+        self.max_tiles = max_tiles
+        self.use_thumbnail = bool(use_thumbnail)
+        self.image_tokens_per_tile = image_tokens_per_tile
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.resample = int(resample)
+
+    @classmethod
+    def from_model_config(cls, config, **kwargs):
+        """An image processor whose tile size and tokens per tile match a ``GenieBlueConfig``."""
+        return cls(
+            image_size=config.vision_image_size, image_tokens_per_tile=config.image_tokens_per_tile, **kwargs
+        )
+
+    def tile_grid(self, width, height):
+        return best_tile_grid(width, height, self.max_tiles, self.image_size)
+
+    def num_tiles(self, width, height):
+        """Tiles an image of this size is cut into, thumbnail included."""
+        columns, rows = self.tile_grid(width, height)
+        return columns * rows + (1 if self.use_thumbnail and columns * rows > 1 else 0)
+
+    def num_image_tokens(self, width, height):
+        """Placeholder tokens an image of this size needs."""
+        return self.num_tiles(width, height) * self.image_tokens_per_tile
+
+    def _tiles(self, image):
+        size = self.image_size
+        columns, rows = self.tile_grid(*image.size)
+        resized = image.resize((columns * size, rows * size), resample=self.resample)
+        tiles = [
+            resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(columns)
+        ]
+        if self.use_thumbnail and len(tiles) > 1:
+            tiles.append(image.resize((size, size), resample=self.resample))
+        return tiles
+
+    def _normalize(self, tile):
+        array = np.asarray(tile, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    def preprocess(self, images, return_tensors="pt", **kwargs):
+        """``pixel_values`` (all tiles of all images, in order, ``(tiles, 3, S, S)``) and ``num_tiles`` per image."""
+        if kwargs:
+            raise ValueError(f"GenieBlueImageProcessor got unexpected arguments: {sorted(kwargs)}")
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        pixel_values, num_tiles, image_sizes = [], [], []
+        for index, raw in enumerate(images):
+            image = to_rgb(load_image(raw))
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise ValueError(f"image {index} is empty ({width}x{height})")
+            tiles = self._tiles(image)
+            pixel_values.extend(self._normalize(tile) for tile in tiles)
+            num_tiles.append(len(tiles))
+            image_sizes.append((height, width))
+        size = self.image_size
+        stacked = torch.stack(pixel_values) if pixel_values else torch.zeros((0, 3, size, size))
+        data = {"pixel_values": stacked, "num_tiles": num_tiles, "image_sizes": image_sizes}
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"GenieBlueImageProcessor returns torch tensors only, got return_tensors={return_tensors!r}")
+        return BatchFeature(data=data)
+
+
+__all__ = ["GenieBlueImageProcessor", "best_tile_grid"]
