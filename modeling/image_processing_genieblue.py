@@ -8,16 +8,15 @@ column, each tile at the vision tower's native resolution.
 Every tile becomes ``image_tokens_per_tile`` placeholder tokens after the projector's token merging, so the number
 of placeholders an image needs is ``num_tiles * image_tokens_per_tile``.
 
-This file is Hub remote code: it imports only numpy, PIL, torch, transformers and the standard library. It derives
-from ``BaseImageProcessor`` and implements ``preprocess`` itself (PIL resizing, no torchvision), which every
-transformers 5.x release accepts from remote code.
+This file is Hub remote code: it imports only PIL, torch, transformers and the standard library (array inputs are
+taken through the array protocol, so numpy is not imported). It derives from ``BaseImageProcessor`` and implements
+``preprocess`` itself (PIL resizing, no torchvision), which every transformers 5.x release accepts from remote code.
 """
 
 import io
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
@@ -72,26 +71,35 @@ def load_image(image):
     if isinstance(image, Image.Image):
         return ImageOps.exif_transpose(image)
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().float().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        return _array_to_pil(image)
+        return _array_to_pil(image.detach().cpu())
+    if hasattr(image, "__array__"):  # numpy and other array-protocol objects, copied (they may be read-only)
+        return _array_to_pil(torch.tensor(image))
     raise ValueError(
         f"unsupported image type {type(image).__name__}; pass a PIL image, a path, bytes, a numpy array or a tensor"
     )
 
 
+def _uint8_to_pil(tensor):
+    """A PIL image from an ``(H, W)`` or ``(H, W, C)`` uint8 tensor."""
+    mode = {2: "L"}.get(tensor.ndim) or {3: "RGB", 4: "RGBA"}[tensor.shape[-1]]
+    height, width = tensor.shape[:2]
+    return Image.frombytes(mode, (width, height), tensor.contiguous().numpy().tobytes())
+
+
 def _array_to_pil(array):
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # channels first -> channels last
+        array = array.permute(1, 2, 0)  # channels first -> channels last
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"image arrays must be (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels, got {array.shape}")
-    if np.issubdtype(array.dtype, np.floating):
-        if array.size and (array.min() < 0 or array.max() > 1):
+        raise ValueError(
+            f"image arrays must be (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels, got {tuple(array.shape)}"
+        )
+    if array.is_floating_point():
+        if array.numel() and (array.min() < 0 or array.max() > 1):
             raise ValueError("floating-point image arrays must hold values in [0, 1]")
-        array = np.round(array * 255)
-    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+        array = torch.round(array.double() * 255)
+    return _uint8_to_pil(array.clamp(0, 255).to(torch.uint8))
 
 
 def to_rgb(image):
@@ -104,10 +112,11 @@ def to_rgb(image):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # high bit depth: scale to 8 bits
+        width, height = image.size
+        values = torch.frombuffer(bytearray(image.convert("F").tobytes()), dtype=torch.float32).view(height, width)
+        peak = float(values.max()) if values.numel() and float(values.max()) > 255 else 255.0
+        image = _uint8_to_pil((values / peak * 255.0).clamp(0, 255).to(torch.uint8))
     return image.convert("RGB")
 
 
@@ -182,9 +191,12 @@ class GenieBlueImageProcessor(BaseImageProcessor):
         return tiles
 
     def _normalize(self, tile):
-        array = np.asarray(tile, dtype=np.float32) / 255.0
-        array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        width, height = tile.size
+        pixels = torch.frombuffer(bytearray(tile.tobytes()), dtype=torch.uint8).view(height, width, 3)
+        pixels = pixels.permute(2, 0, 1).float() / 255.0
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+        return (pixels - mean) / std
 
     def preprocess(self, images, return_tensors="pt", **kwargs):
         """``pixel_values`` (all tiles of all images, in order, ``(tiles, 3, S, S)``) and ``num_tiles`` per image."""

@@ -291,3 +291,8 @@ def _shared_model():
     _shared["model"] = model_for(_shared["tokenizer"])
     yield
     _shared.clear()
+
+
+def test_high_bit_depth_greyscale_is_scaled():
+    image = Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16))  # mode I;16
+    assert torch.allclose(image_processor()(image)["pixel_values"], torch.ones(1, 3, 16, 16))
