@@ -18,6 +18,15 @@ LORA_EXECUTION_MODES = ("unmerged", "merged")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Fields a decoder config must expose for GenieBlue to place replicated blocks and size the projector.
+# Every Auto class a GenieBlue Hub folder answers to, pointing at the remote-code files saved beside config.json.
+DEFAULT_AUTO_MAP = {
+    "AutoConfig": "configuration_genieblue.GenieBlueConfig",
+    "AutoModel": "modeling_genieblue.GenieBlueForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_genieblue.GenieBlueForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_genieblue.GenieBlueForConditionalGeneration",
+    "AutoProcessor": "processing_genieblue.GenieBlueProcessor",
+}
+
 _REQUIRED_TEXT_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size")
 _REQUIRED_VISION_FIELDS = ("hidden_size", "image_size", "patch_size")
 
@@ -122,6 +131,8 @@ class GenieBlueConfig(PreTrainedConfig):
         self.vision_feature_layer = vision_feature_layer
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
+        if not getattr(self, "auto_map", None):
+            self.auto_map = dict(DEFAULT_AUTO_MAP)
         self.validate_genieblue()
 
     # -- derived values -------------------------------------------------------------------------------------------
@@ -221,5 +232,8 @@ def _as_int(size):
         return int(size[0])
     return int(size)
 
+
+# Saving copies this file (and the model/processor files, which register themselves likewise) into the folder.
+GenieBlueConfig.register_for_auto_class()
 
 __all__ = ["GenieBlueConfig"]

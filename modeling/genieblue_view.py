@@ -10,6 +10,7 @@ new (fresh hook dictionaries, no instance-level ``forward`` overrides), but ever
 """
 
 import copy
+import sys
 
 from torch import nn
 
@@ -61,10 +62,10 @@ def clone_module_tree(module, replace=None, prefix=""):
         path = f"{prefix}.{name}" if prefix else name
         clone._modules[name] = None if child is None else clone_module_tree(child, replace, path)
     if hf_hook is not None:
-        # A model dispatched with ``device_map`` keeps its device-alignment hooks on the view as well.
-        from accelerate.hooks import add_hook_to_module
-
-        add_hook_to_module(clone, hf_hook)
+        # A model dispatched with ``device_map`` keeps its device-alignment hooks on the view as well. The hook's
+        # own module (accelerate.hooks, loaded since it made the hook) attaches it: remote code must not import
+        # accelerate, which a plain single-device install may lack.
+        sys.modules[type(hf_hook).__module__].add_hook_to_module(clone, hf_hook)
     return clone
 
 

@@ -224,4 +224,6 @@ class GenieBlueImageProcessor(BaseImageProcessor):
         return BatchFeature(data=data)
 
 
+GenieBlueImageProcessor.register_for_auto_class()
+
 __all__ = ["GenieBlueImageProcessor", "best_tile_grid"]

@@ -534,4 +534,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         return model_inputs
 
 
+# save_pretrained copies this file and its relative imports next to config.json (config.auto_map lists them all).
+GenieBlueForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
 __all__ = ["GenieBlueForConditionalGeneration", "GenieBluePreTrainedModel", "GenieBlueMultiModalProjector"]

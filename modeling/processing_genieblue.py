@@ -172,4 +172,6 @@ class GenieBlueProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
+GenieBlueProcessor.register_for_auto_class()
+
 __all__ = ["GenieBlueProcessor"]

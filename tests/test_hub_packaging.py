@@ -1,0 +1,175 @@
+"""Invariant 4: a saved folder is a self-contained Hub repo, loadable by every Auto class without genieblue_hf."""
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from genieblue_hf import GenieBlueProcessor
+
+from test_processor import colour_image, model_for
+from tokenizers_for_tests import bpe_tokenizer
+
+
+REMOTE_CODE = sorted((Path(__file__).parents[1] / "modeling").glob("*genieblue*.py"))
+ALLOWED_IMPORTS = {"torch", "transformers", "safetensors", "PIL"} | set(sys.stdlib_module_names)
+
+PROMPTS = ("the quick brown fox", "<|im_start|>user\n<image>\ndescribe the picture<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_remote_code_imports_only_torch_transformers_safetensors_pil_and_stdlib():
+    assert {p.name for p in REMOTE_CODE} >= {
+        "configuration_genieblue.py", "modeling_genieblue.py", "processing_genieblue.py", "image_processing_genieblue.py"
+    }
+    for path in REMOTE_CODE:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in ALLOWED_IMPORTS, f"{path.name} imports {name}"
+
+
+def reference_generations(model, processor, image):
+    text = processor(text=PROMPTS[0])
+    multimodal = processor(text=PROMPTS[1], images=[image])
+    return {
+        "text": model.generate(**text, max_new_tokens=5, do_sample=False)[0].tolist(),
+        "image": model.generate(**multimodal, max_new_tokens=5, do_sample=False)[0].tolist(),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("genieblue-tiny")
+    tokenizer = bpe_tokenizer()
+    model = model_for(tokenizer)
+    processor = GenieBlueProcessor.for_model(model.config, tokenizer, max_tiles=2)
+    model.save_pretrained(folder, max_shard_size="200KB")
+    processor.save_pretrained(folder)
+    image = colour_image(32, 16, seed=7)
+    image.save(folder.parent / "image.png")
+    return folder, reference_generations(model, processor, image)
+
+
+# Runs in a fresh interpreter where `import genieblue_hf` fails: only the folder's own code can serve.
+LOADER = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["genieblue_hf"] = None
+    from PIL import Image
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoProcessor)
+
+    source, image_path = sys.argv[1], sys.argv[2]
+    prompts = json.loads(sys.argv[3])
+    config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    result = {"config": type(config).__module__, "processor": type(processor).__module__,
+              "image_processor": type(processor.image_processor).__name__}
+    image = Image.open(image_path)
+    for auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+        model = auto.from_pretrained(source, trust_remote_code=True).eval()
+        text = processor(text=prompts[0])
+        multimodal = processor(text=prompts[1], images=[image])
+        result[auto.__name__] = {
+            "class": type(model).__module__ + "." + type(model).__name__,
+            "text": model.generate(**text, max_new_tokens=5, do_sample=False)[0].tolist(),
+            "image": model.generate(**multimodal, max_new_tokens=5, do_sample=False)[0].tolist(),
+        }
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def run_isolated(script, *args, env_extra=None, cwd=None):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONPATH"))}
+    env.update(env_extra or {})
+    completed = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    line = [l for l in completed.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def assert_loaded_like_saved(result, expected):
+    assert result["config"].startswith("transformers_modules.") and "genieblue_hf" not in result["config"]
+    assert result["processor"].startswith("transformers_modules.")
+    assert result["image_processor"] == "GenieBlueImageProcessor"
+    for auto in ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        assert result[auto]["class"].startswith("transformers_modules."), result[auto]["class"]
+        assert result[auto]["class"].endswith("GenieBlueForConditionalGeneration")
+        assert result[auto]["text"] == expected["text"], auto
+        assert result[auto]["image"] == expected["image"], auto
+
+
+def test_folder_loads_with_every_auto_class_without_the_package(saved, tmp_path):
+    folder, expected = saved
+    result = run_isolated(
+        LOADER, str(folder), str(folder.parent / "image.png"), json.dumps(PROMPTS),
+        env_extra={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}, cwd=tmp_path,
+    )
+    assert_loaded_like_saved(result, expected)
+
+
+def populate_hub_cache(folder, repo_id, hf_home):
+    """Lay ``folder`` out in a Hugging Face cache the way the Hub client does, as revision ``main``."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)  # no trailing newline, as the Hub client writes it
+
+
+def test_offline_hub_cache_layout_loads_org_name(saved, tmp_path):
+    folder, expected = saved
+    populate_hub_cache(folder, "org/genieblue-tiny", tmp_path / "hf_home")
+    result = run_isolated(
+        LOADER, "org/genieblue-tiny", str(folder.parent / "image.png"), json.dumps(PROMPTS),
+        env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+                   "HF_MODULES_CACHE": str(tmp_path / "fresh-modules")},
+        cwd=tmp_path,
+    )
+    assert_loaded_like_saved(result, expected)
+
+
+PIPELINE = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["genieblue_hf"] = None
+    from PIL import Image
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=sys.argv[1], trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(sys.argv[2])},
+                                             {"type": "text", "text": "describe the picture"}]}]
+    out = pipe(text=messages, max_new_tokens=5, do_sample=False)
+    reply = out[0]["generated_text"][-1]
+    print("RESULT" + json.dumps({"type": type(pipe.model).__name__, "role": reply["role"],
+                                 "content": type(reply["content"]).__name__}))
+    """
+)
+
+
+def test_image_text_to_text_pipeline(saved, tmp_path):
+    folder, _ = saved
+    result = run_isolated(
+        PIPELINE, str(folder), str(folder.parent / "image.png"),
+        env_extra={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}, cwd=tmp_path,
+    )
+    assert result == {"type": "GenieBlueForConditionalGeneration", "role": "assistant", "content": "str"}
