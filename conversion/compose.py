@@ -11,22 +11,37 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from ..modeling.processing_genieblue import GenieBlueProcessor
 
 
 logger = logging.getLogger(__name__)
 
 
-def compose(language_model, vision_model, output_dir, overwrite=False, max_shard_size="2GB", **config_overrides):
-    """Compose a GenieBlue model with ``from_base`` and save it to ``output_dir`` atomically; returns the model."""
+def compose(language_model, vision_model, output_dir, overwrite=False, max_shard_size="2GB", max_tiles=6,
+            **config_overrides):
+    """Compose a GenieBlue model with ``from_base`` and save it to ``output_dir`` atomically; returns the model.
+
+    When ``language_model`` is a folder with a tokenizer, a matching ``GenieBlueProcessor`` is saved too.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass overwrite=True to replace it")
     model = GenieBlueForConditionalGeneration.from_base(language_model, vision_model, **config_overrides)
+    processor = None
+    if isinstance(language_model, (str, os.PathLike)) and any(
+        (Path(language_model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(language_model)
+        processor = GenieBlueProcessor.for_model(model.config, tokenizer, max_tiles=max_tiles)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if processor is not None:
+            processor.save_pretrained(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)

@@ -23,6 +23,17 @@ def _compose(args):
             max_shard_size=args.max_shard_size)
 
 
+def _convert(args):
+    from .conversion import convert
+
+    convert(
+        args.src, args.out_dir, format=args.format, config=args.config, base=args.base, rest=args.rest,
+        processor=args.processor, key_map=args.key_map, dtype=args.dtype, cast_base=args.cast_base,
+        max_shard_size=args.max_shard_size, verify=not args.no_verify, overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite, allow_base_drift=args.allow_base_drift,
+    )
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="genieblue", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +56,26 @@ def build_parser():
     compose.add_argument("--overwrite", action="store_true")
     compose.add_argument("--max-shard-size", default="2GB")
     compose.set_defaults(func=_compose)
+
+    convert = commands.add_parser("convert", help="a training checkpoint to a sharded-safetensors Hub folder")
+    convert.add_argument("src", help="Trainer/accelerate folder, .pt/.bin file, PEFT adapter folder or DCP folder")
+    convert.add_argument("out_dir")
+    convert.add_argument("--format", choices=["trainer", "torch", "peft", "dcp"], help="default: detected")
+    convert.add_argument("--config", help="GenieBlue config.json (or its folder) when SRC has none")
+    convert.add_argument("--base", help="the original base LLM folder: its tensors are copied byte for byte")
+    convert.add_argument("--rest", help="with a PEFT adapter: the folder/file with the other trained tensors")
+    convert.add_argument("--processor", help="folder with the tokenizer/processor files to include")
+    convert.add_argument("--key-map", action="append", default=[], metavar="REGEX=REPLACEMENT",
+                         help="extra key renaming rule (repeatable)")
+    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast the trained tensors")
+    convert.add_argument("--cast-base", action="store_true", help="cast the base tensors with --dtype too")
+    convert.add_argument("--max-shard-size", default="2GB")
+    convert.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the output")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--allow-nonfinite", action="store_true", help="warn instead of failing on NaN/Inf")
+    convert.add_argument("--allow-base-drift", action="store_true",
+                         help="warn instead of failing when the checkpoint's base differs from --base")
+    convert.set_defaults(func=_convert)
     return parser
 
 
@@ -56,7 +87,7 @@ def main(argv=None):
 
     try:
         args.func(args)
-    except (PublishError, FileExistsError, ValueError) as error:
+    except (PublishError, FileExistsError, ValueError) as error:  # ConversionError is a ValueError
         logging.getLogger("genieblue").error("%s", error)
         return 1
     return 0

@@ -1,0 +1,350 @@
+"""``convert``: a GenieBlue training checkpoint to a sharded-safetensors Hub folder, streamed, verified, atomic.
+
+Steps: detect the source format; map its keys onto the GenieBlue schema (``keymap``); check them against the config
+(missing, unexpected, shapes) from metadata alone; take the frozen base from ``--base`` when given (and compare it
+with any base tensors the training checkpoint holds: a difference means the base was not frozen); plan shards from
+shapes (``huggingface_hub.split_torch_state_dict_into_shards`` on meta tensors); write one shard at a time into a
+temporary folder next to the output, one tensor at a time; verify; rename. Peak memory is about the largest tensor
+(plus its cast), whatever the shard or model size.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.utils import tqdm
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from ..modeling.configuration_genieblue import GenieBlueConfig
+from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from .keymap import (
+    DEFAULT_RULES, IGNORED_TRAINING_STATE, PARTS, PEFT_RULES, TRAINED_PARTS, parse_key_map, part_of,
+)
+from .sources import (
+    _SAFETENSORS_DTYPES, ConversionError, DistributedCheckpointSource, MappedSource, MergedSource, SafetensorsSource,
+    open_weights,
+)
+
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("trainer", "torch", "peft", "dcp")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+REMOTE_CODE_FILES = (
+    "configuration_genieblue.py", "modeling_genieblue.py", "genieblue_lora.py", "genieblue_view.py",
+    "genieblue_routing.py", "processing_genieblue.py", "image_processing_genieblue.py",
+)
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def detect_format(src):
+    src = Path(src)
+    if src.is_file():
+        return "torch"
+    if (src / ".metadata").is_file():
+        return "dcp"
+    if (src / "adapter_config.json").is_file():
+        return "peft"
+    if src.is_dir():
+        return "trainer"
+    raise ConversionError(f"{src} does not exist")
+
+
+def load_config(path):
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"no GenieBlue config at {path}; pass --config DIR_OR_JSON")
+    data = json.loads(path.read_text())
+    if data.get("model_type") != GenieBlueConfig.model_type:
+        raise ConversionError(f"{path} is a {data.get('model_type')!r} config, not a GenieBlue config")
+    return GenieBlueConfig.from_dict(data)
+
+
+def expected_tensors(config):
+    """``{key: shape}`` a GenieBlue model of ``config`` saves (tied output embeddings left out)."""
+    with torch.device("meta"):
+        model = GenieBlueForConditionalGeneration(config)
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    if getattr(config.text_config, "tie_word_embeddings", False):
+        shapes.pop("language_model.lm_head.weight", None)
+    return shapes
+
+
+def _peft_source(src, config, rest):
+    adapter_config = json.loads((src / "adapter_config.json").read_text())
+    for field, ours in (("r", config.lora_rank), ("lora_alpha", config.lora_alpha),
+                        ("use_rslora", config.use_rslora)):
+        theirs = adapter_config.get(field, False if field == "use_rslora" else None)
+        if theirs != ours:
+            raise ConversionError(
+                f"adapter_config.json has {field}={theirs!r} but the GenieBlue config has {ours!r}; the LoRA scale "
+                f"would change"
+            )
+    files = sorted(src.glob("adapter_model*.safetensors")) or sorted(src.glob("adapter_model*.bin"))
+    if not files:
+        raise ConversionError(f"{src} has adapter_config.json but no adapter_model.safetensors/.bin")
+    adapter = open_weights(files[0]) if len(files) == 1 else SafetensorsSource(files)
+    sources = [MappedSource(adapter, PEFT_RULES)]
+    if rest is None:
+        raise ConversionError("a PEFT adapter holds only LoRA; pass --rest with the replicated blocks, projector and "
+                              "vision tower (a folder or a file)")
+    sources.append(open_weights(rest))
+    return MergedSource(sources)
+
+
+def open_source(src, fmt, config, rest=None, key_map=()):
+    src = Path(src)
+    if fmt == "trainer":
+        raw = open_weights(src)
+    elif fmt == "torch":
+        raw = open_weights(src)
+    elif fmt == "peft":
+        raw = _peft_source(src, config, rest)
+    elif fmt == "dcp":
+        raw = DistributedCheckpointSource(src)
+    else:
+        raise ConversionError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    ignore = IGNORED_TRAINING_STATE if fmt == "dcp" else ()
+    return MappedSource(raw, DEFAULT_RULES + parse_key_map(key_map), ignore=ignore)
+
+
+def _group_by_part(keys):
+    groups = {}
+    for key in sorted(keys):
+        groups.setdefault(part_of(key), []).append(key)
+    return "; ".join(f"{part}: {', '.join(names)}" for part, names in sorted(groups.items()))
+
+
+def plan_tensors(expected, source, base_source):
+    """``{key: (source, source_key)}`` for every output tensor, after checking names and shapes."""
+    plan, errors = {}, []
+    for key in expected:
+        provider = base_source if (base_source is not None and key.startswith("language_model.")) else source
+        if key in provider.keys():
+            plan[key] = provider
+    missing = [k for k in expected if k not in plan]
+    if missing:
+        errors.append(f"missing tensors ({len(missing)}) - {_group_by_part(missing)}")
+    tied = {"language_model.lm_head.weight"} - set(expected)
+    unexpected = [
+        k for k in source.keys()
+        if k not in expected and k not in tied and not (base_source is not None and k.startswith("language_model."))
+    ]
+    if unexpected:
+        errors.append(f"unexpected tensors ({len(unexpected)}) - {_group_by_part(unexpected)}")
+    for key, provider in plan.items():
+        shape = tuple(provider.meta(key)[0])
+        if shape != expected[key]:
+            errors.append(f"shape mismatch for {key}: checkpoint has {list(shape)}, the config needs {list(expected[key])}")
+    if errors:
+        raise ConversionError("the checkpoint does not match the GenieBlue config:\n  " + "\n  ".join(errors))
+    return plan
+
+
+def check_base_frozen(source, base_source, plan, allow_base_drift):
+    """The training checkpoint's copy of the base must equal the base checkpoint, tensor for tensor."""
+    drifted = []
+    for key in sorted(k for k in source.keys() if k.startswith("language_model.") and k in plan):
+        if not torch.equal(source.get(key), base_source.get(key)):
+            drifted.append(key)
+    if drifted:
+        message = (f"{len(drifted)} base tensors in the training checkpoint differ from --base (the base was not "
+                   f"frozen during training): {', '.join(drifted[:20])}{' ...' if len(drifted) > 20 else ''}")
+        if not allow_base_drift:
+            raise ConversionError(message + "; the output would take the --base tensors (pass --allow-base-drift)")
+        logger.warning("%s; writing the --base tensors", message)
+
+
+def _output_dtype(key, stored, dtype, cast_base):
+    if dtype is None or not stored.is_floating_point:
+        return stored
+    if key.startswith("language_model.") and not cast_base:
+        return stored
+    return dtype
+
+
+def _materialise(key, provider, out_dtype, allow_nonfinite):
+    tensor = provider.get(key)
+    if tensor.dtype != out_dtype:
+        tensor = tensor.to(out_dtype)
+    if part_of(key) in TRAINED_PARTS and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        message = f"tensor {key} holds NaN or Inf values"
+        if not allow_nonfinite:
+            raise ConversionError(message + " (pass --allow-nonfinite to write it anyway)")
+        logger.warning(message)
+    return tensor.contiguous()
+
+
+def write_safetensors(path, keys, shapes, dtypes, load, metadata):
+    """Write one safetensors file tensor by tensor.
+
+    Hand-written on purpose: ``safetensors.torch.save_file`` takes the whole shard as a dict of tensors and builds a
+    serialized copy (about three shards in memory); writing the header from shapes and then each tensor's bytes in
+    turn keeps one tensor in memory. The layout is the standard one (8-byte little-endian header size, JSON header
+    padded to 8 bytes, contiguous data), and ``verify`` reads every file back with ``safe_open``.
+    """
+    header, offset = {}, 0
+    for key in keys:
+        nbytes = math.prod(shapes[key]) * dtypes[key].itemsize
+        header[key] = {"dtype": _SAFETENSORS_NAMES[dtypes[key]], "shape": list(shapes[key]),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)))
+        handle.write(blob)
+        for key in keys:
+            tensor = load(key)
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            if data.nbytes != header[key]["data_offsets"][1] - header[key]["data_offsets"][0]:
+                raise ConversionError(f"tensor {key} changed size while being written")
+            handle.write(data)
+            del tensor, data
+
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def write_shards(folder, plan, dtypes, metadata, max_shard_size, allow_nonfinite):
+    """Plan shards from shapes, then write them one tensor at a time; returns ``{key: file}``."""
+    shapes = {key: tuple(plan[key].meta(key)[0]) for key in plan}
+    meta_tensors = {key: torch.empty(shapes[key], dtype=dtypes[key], device="meta") for key in plan}
+    split = split_torch_state_dict_into_shards(meta_tensors, max_shard_size=max_shard_size)
+    with tqdm(total=len(plan), desc="Writing tensors", unit="tensor") as progress:
+
+        def load(key):
+            tensor = _materialise(key, plan[key], dtypes[key], allow_nonfinite)
+            progress.update(1)
+            return tensor
+
+        for filename, keys in split.filename_to_tensors.items():
+            write_safetensors(folder / filename, keys, shapes, dtypes, load, metadata)
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, **metadata}, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return split.tensor_to_filename
+
+
+def verify_output(folder, plan, dtypes, weight_map, base_path):
+    """Every written tensor equals its source; the text path of the result equals the base, bit for bit."""
+    mismatched = []
+    for filename in tqdm(sorted(set(weight_map.values())), desc="Verifying shards", unit="shard"):
+        with safe_open(str(folder / filename), framework="pt") as handle:
+            for key in handle.keys():
+                expected = plan[key].get(key).to(dtypes[key])
+                if not torch.equal(handle.get_tensor(key), expected):
+                    mismatched.append(key)
+    if mismatched:
+        raise ConversionError(f"written tensors differ from the source: {mismatched}")
+    model = GenieBlueForConditionalGeneration.from_pretrained(folder, dtype="auto").eval()
+    if base_path is not None:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto").eval()
+    else:
+        base = type(model.language_model)(model.language_model.config)
+        prefix = "language_model."
+        loaded = base.load_state_dict({k[len(prefix):]: plan[k].get(k) for k in plan if k.startswith(prefix)},
+                                      strict=False)
+        tied = {"lm_head.weight"} if getattr(base.config, "tie_word_embeddings", False) else set()
+        if set(loaded.missing_keys) - tied or loaded.unexpected_keys:
+            raise ConversionError(f"the base tensors do not build {type(base).__name__}: missing "
+                                  f"{sorted(set(loaded.missing_keys) - tied)}, unexpected {loaded.unexpected_keys}")
+        base.tie_weights()
+        base.to(model.language_model.dtype).eval()
+    base.set_attn_implementation(model.language_model.config._attn_implementation)
+    vocab = model.config.text_config.vocab_size
+    input_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits):
+            raise ConversionError("verification failed: the converted text path differs from the base model")
+    logger.info("verified %d tensors and the text path's bit-identity with the base", len(plan))
+
+
+def _copy_side_files(staging, config, sources):
+    config.save_pretrained(staging)
+    GenerationConfig.from_model_config(config).save_pretrained(staging)
+    code_dir = Path(__file__).resolve().parents[1] / "modeling"
+    for name in REMOTE_CODE_FILES:
+        shutil.copy(code_dir / name, staging / name)
+    for folder in sources:
+        if folder is not None and Path(folder).is_dir() and any((Path(folder) / n).is_file() for n in PROCESSOR_FILES):
+            for name in PROCESSOR_FILES:
+                if (Path(folder) / name).is_file():
+                    shutil.copy(Path(folder) / name, staging / name)
+            return True
+    logger.warning("no tokenizer/processor files found; pass --processor DIR to include them")
+    return False
+
+
+def convert(src, out, *, format=None, config=None, base=None, rest=None, processor=None, key_map=(), dtype=None,
+            cast_base=False, max_shard_size="2GB", verify=True, overwrite=False, allow_nonfinite=False,
+            allow_base_drift=False):
+    """Convert a training checkpoint at ``src`` into a Hub folder at ``out``; see the module docstring."""
+    from .. import __version__
+
+    src, out = Path(src), Path(out)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+    fmt = format or detect_format(src)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config_path = config or (src if src.is_dir() and (src / "config.json").is_file() else rest)
+    if config_path is None:
+        raise ConversionError(f"{src} has no config.json; pass --config DIR_OR_JSON")
+    genieblue_config = load_config(config_path)
+    source = open_source(src, fmt, genieblue_config, rest=rest, key_map=key_map)
+    base_source = None
+    if base is not None:
+        base_source = MappedSource(open_weights(base), [(r"^(?!language_model\.)", "language_model.")])
+    expected = expected_tensors(genieblue_config)
+    plan = plan_tensors(expected, source, base_source)
+    if base_source is not None:
+        check_base_frozen(source, base_source, plan, allow_base_drift)
+    target_dtype = DTYPES.get(dtype)
+    dtypes = {key: _output_dtype(key, provider.meta(key)[1], target_dtype, cast_base) for key, provider in plan.items()}
+    # from_pretrained loads every tensor in config.dtype: keep it the base's dtype unless the base is cast too, so
+    # the text path stays the base (trained tensors stored in a smaller dtype are upcast exactly on load).
+    base_dtypes = {dtypes[k] for k in plan if k.startswith("language_model.") and dtypes[k].is_floating_point}
+    if len(base_dtypes) == 1:
+        genieblue_config.dtype = base_dtypes.pop()
+
+    provenance = {str(Path(p).name): h for s in (source, base_source) if s is not None for p, h in s.provenance().items()}
+    metadata = {
+        "format": "pt",
+        "genieblue_converter": __version__,
+        "source_format": fmt,
+        "source_sha256": json.dumps(provenance, sort_keys=True),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weight_map = write_shards(staging, plan, dtypes, metadata, max_shard_size, allow_nonfinite)
+        _copy_side_files(staging, genieblue_config, [processor, src if src.is_dir() else None, rest])
+        if verify:
+            verify_output(staging, plan, dtypes, weight_map, base)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("converted %s (%s, %d tensors) into %s", src, fmt, len(plan), out)
+    return out
+
+
+__all__ = ["convert", "detect_format", "ConversionError", "FORMATS", "PARTS"]
