@@ -198,6 +198,70 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         model.drop_multimodal_view()
         return model.train(language_model.training)
 
+    # -- training -------------------------------------------------------------------------------------------------
+    TRAINABLE_PARTS = ("vision_tower", "multi_modal_projector", "replicated_layers", "lora")
+
+    def configure_training(self, stage, train_vision=True, train_projector=True, shared_base=False):
+        """Set ``requires_grad`` for a stage of the paper's recipe; returns trainable parameters per part.
+
+        Stage 1 trains the projector only (vision tower and LLM frozen). Stage 2 trains the vision tower (unless
+        ``train_vision=False``), the projector (unless ``train_projector=False``), the replicated blocks and LoRA.
+        The base LLM stays frozen in every stage; ``shared_base=True`` unfreezes it for the paper's shared-base
+        ablation only, after which the text path is no longer the original base.
+        """
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        trainable = {
+            "vision_tower": stage == 2 and train_vision,
+            "multi_modal_projector": train_projector,
+            "replicated_layers": stage == 2,
+            "lora": stage == 2,
+        }
+        for part, flag in trainable.items():
+            getattr(self, part).requires_grad_(flag)
+        self.language_model.requires_grad_(bool(shared_base))
+        self.__dict__["_shared_base"] = bool(shared_base)
+        counts = self.trainable_parameters()
+        logger.info("GenieBlue stage %d trainable parameters: %s", stage, counts)
+        return counts
+
+    def trainable_parameters(self):
+        """``{part: number of parameters with requires_grad}``, the base LLM included."""
+        parts = (*self.TRAINABLE_PARTS, "language_model")
+        return {part: sum(p.numel() for p in getattr(self, part).parameters() if p.requires_grad) for part in parts}
+
+    def _check_base_frozen(self):
+        """In training: the base LLM must not be trainable (outside the shared-base ablation)."""
+        if self.__dict__.get("_shared_base"):
+            return
+        if any(p.requires_grad for p in self.language_model.parameters()):
+            raise RuntimeError(
+                "parameters of the base LLM (language_model) require grad: GenieBlue never trains the base. Call "
+                "model.configure_training(stage) to set the trainable parts (shared_base=True only for the paper's "
+                "shared-base ablation)."
+            )
+
+    def _check_no_adapter_on_base(self):
+        """PEFT must not have wrapped the base LLM: its adapter would change the text path.
+
+        PEFT marks the model it injects into with ``peft_config``; only then are the base modules scanned (once per
+        adapter set), so the text path pays nothing without PEFT.
+        """
+        peft_config = self.__dict__.get("peft_config")
+        if peft_config is None:
+            return
+        key = (id(peft_config), tuple(peft_config))
+        if self.__dict__.get("_peft_checked") == key:
+            return
+        for name, module in self.language_model.named_modules():
+            if hasattr(module, "adapter_layer_names"):  # a PEFT tuner layer
+                raise RuntimeError(
+                    f"PEFT wrapped the base LLM's language_model.{name}: its adapter would change the text path. "
+                    f"Target only the multimodal parts: genieblue_hf.training.multimodal_lora_config(...), or "
+                    f"exclude_modules=r'language_model\\..*' in the LoraConfig."
+                )
+        self.__dict__["_peft_checked"] = key
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``, then the base LLM frozen again (loading materialises new tensors)."""
@@ -258,6 +322,12 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
             self.config.lora_execution_mode,
             self.config.lora_dropout,
             tuple(getattr(m, "gradient_checkpointing", None) for m in self.replicated_layers.values()),
+            # PEFT adapters a fine-tuner put on the replicated blocks: enabled, active and merged state
+            tuple(
+                (m._disable_adapters, str(m.active_adapters), tuple(m.merged_adapters))
+                for m in self.replicated_layers.modules()
+                if hasattr(m, "adapter_layer_names")
+            ),
         )
         return flags, tuple(map(id, tensors)), tuple(map(id, extra))
 
@@ -410,6 +480,9 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         if lora_mode is not None and lora_mode not in LORA_EXECUTION_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_EXECUTION_MODES}, got {lora_mode!r}")
         routes = self._resolve_routes(input_ids, inputs_embeds, pixel_values, past_key_values, route)
+        self._check_no_adapter_on_base()
+        if self.training and torch.is_grad_enabled():
+            self._check_base_frozen()
         common = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -449,6 +522,9 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         inputs_embeds, image_features = self._embed_multimodal(input_ids, pixel_values, inputs_embeds)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(self.get_placeholder_mask(input_ids), -100)
+        if self.training and torch.is_grad_enabled() and not inputs_embeds.requires_grad:
+            # text rows on the multimodal path: reentrant activation checkpointing needs an input that requires grad
+            inputs_embeds = inputs_embeds.detach().requires_grad_(True)
         out = self.multimodal_language_model()(
             inputs_embeds=inputs_embeds, past_key_values=past_key_values, labels=labels, **kwargs
         )

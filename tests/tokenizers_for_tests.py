@@ -3,8 +3,9 @@
 import shutil
 
 import sentencepiece
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import LlamaTokenizer
+
+from genieblue_hf.synthetic import build_bpe_tokenizer
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -16,16 +17,7 @@ CORPUS = [
 
 def bpe_tokenizer():
     """Byte-level BPE with ChatML special tokens, as Qwen2 tokenizers are."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return build_bpe_tokenizer(CORPUS)
 
 
 def sentencepiece_tokenizer(workdir):

@@ -1,0 +1,202 @@
+"""Training: the paper's stages, Trainer compatibility, resume, DDP, PEFT on top; the base is never touched."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from genieblue_hf import GenieBlueForConditionalGeneration
+from genieblue_hf.conversion import convert
+from genieblue_hf.synthetic import compose_tiny, shape_image, shapes_dataset
+from genieblue_hf.training import ConversationCollator, ConversationDataset, multimodal_lora_config
+
+from conftest import base_twin, state_hash
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.fixture
+def tiny():
+    model, processor = compose_tiny()
+    return model.train(), processor
+
+
+def args_for(tmp_path, steps, **overrides):
+    values = dict(output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=8,
+                  learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[],
+                  remove_unused_columns=False, use_cpu=True, seed=0, dataloader_num_workers=0)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def text_path_is_base(model, processor):
+    twin = base_twin(model)
+    inputs = processor(text="the quick brown fox jumps")
+    model.eval()
+    with torch.no_grad():
+        return torch.equal(model(**inputs).logits, twin(**inputs).logits)
+
+
+def test_stage_trainable_sets(tiny):
+    model, _ = tiny
+    stage1 = model.configure_training(stage=1)
+    assert stage1["multi_modal_projector"] > 0
+    assert stage1["vision_tower"] == stage1["replicated_layers"] == stage1["lora"] == stage1["language_model"] == 0
+    stage2 = model.configure_training(stage=2)
+    assert all(stage2[p] == sum(x.numel() for x in getattr(model, p).parameters())
+               for p in ("vision_tower", "multi_modal_projector", "replicated_layers", "lora"))
+    assert stage2["language_model"] == 0
+    assert model.configure_training(stage=2, train_vision=False)["vision_tower"] == 0
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        model.configure_training(stage=3)
+
+
+def test_unfreezing_the_base_is_refused_unless_asked(tiny):
+    model, processor = tiny
+    model.configure_training(stage=2)
+    batch = ConversationCollator(processor)(shapes_dataset(2))
+    model.language_model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="GenieBlue never trains the base"):
+        model(**batch)
+    counts = model.configure_training(stage=2, shared_base=True)  # the paper's shared-base ablation
+    assert counts["language_model"] > 0
+    model(**batch).loss.backward()
+    assert model.language_model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_collator_masks_everything_but_the_answers(tiny):
+    model, processor = tiny
+    samples = shapes_dataset(3)
+    batch = ConversationCollator(processor)(samples)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels"}
+    for row, sample in enumerate(samples):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        assert processor.tokenizer.decode(labelled) == sample["answer"] + "<|im_end|>\n"
+    assert (batch["labels"][batch["input_ids"] == model.config.image_token_id] == -100).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_jsonl_dataset_with_relative_image_paths(tiny, tmp_path):
+    _, processor = tiny
+    shape_image("red", "circle").save(tmp_path / "red.png")
+    lines = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+              "images": ["red.png"]},
+             {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    dataset = ConversationDataset(tmp_path / "data.jsonl")
+    assert len(dataset) == 2 and dataset[0]["images"][0].size == (32, 32)
+    batch = ConversationCollator(processor)([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape[0] == 1
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": lines[0]["messages"], "images": []}))
+    with pytest.raises(ValueError, match="1 image items but 0 images"):
+        ConversationDataset(tmp_path / "bad.jsonl")
+
+
+def test_trainer_reduces_the_loss_and_keeps_the_base(tiny, tmp_path):
+    model, processor = tiny
+    base_hash = state_hash(model.language_model)
+    model.configure_training(stage=2)
+    trainer = Trainer(model=model, args=args_for(tmp_path, steps=30), train_dataset=shapes_dataset(64),
+                      data_collator=ConversationCollator(processor))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses  # 5.3 -> 4.6 when measured
+    assert state_hash(model.language_model) == base_hash
+    assert text_path_is_base(model, processor)
+
+
+def test_resume_and_convert_a_trainer_checkpoint(tiny, tmp_path):
+    model, processor = tiny
+    base_hash = state_hash(model.language_model)
+    model.language_model.save_pretrained(tmp_path / "base")
+    model.configure_training(stage=2)
+    data, collator = shapes_dataset(32), ConversationCollator(processor)
+    Trainer(model=model, args=args_for(tmp_path, steps=4, save_strategy="steps", save_steps=2),
+            train_dataset=data, data_collator=collator).train()
+    resumed_model, _ = compose_tiny()
+    resumed_model.configure_training(stage=2)
+    trainer = Trainer(model=resumed_model, args=args_for(tmp_path, steps=6, save_strategy="steps", save_steps=2),
+                      train_dataset=data, data_collator=collator)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert trainer.state.global_step == 6
+    assert state_hash(resumed_model.language_model) == base_hash
+    out = convert(tmp_path / "run" / "checkpoint-6", tmp_path / "hub", base=tmp_path / "base")
+    converted = GenieBlueForConditionalGeneration.from_pretrained(out)
+    assert state_hash(converted.language_model) == base_hash
+    assert state_hash(converted.lora) == state_hash(resumed_model.lora)
+
+
+def test_peft_on_top_keeps_the_text_path(tiny, tmp_path):
+    model, processor = tiny
+    model.configure_training(stage=2)
+    peft_model = get_peft_model(model, multimodal_lora_config(r=4, lora_alpha=8))
+    wrapped = {name for name, module in model.named_modules() if hasattr(module, "adapter_layer_names")}
+    assert wrapped and not any(name.startswith(("language_model.", "lora.")) for name in wrapped)
+    assert {name.split(".")[0] for name in wrapped} == {"vision_tower", "multi_modal_projector", "replicated_layers"}
+    trainer = Trainer(model=peft_model, args=args_for(tmp_path, steps=5), train_dataset=shapes_dataset(32),
+                      data_collator=ConversationCollator(processor))
+    trainer.train()
+    assert text_path_is_base(model, processor)
+    batch = ConversationCollator(processor)(shapes_dataset(2, seed=5))
+    with torch.no_grad():
+        peft_model.eval()
+        tuned = peft_model(**batch).logits
+        with peft_model.disable_adapter():
+            untuned = peft_model(**batch).logits
+    assert not torch.allclose(tuned, untuned, atol=1e-4)  # the adapter acts on the multimodal path
+    peft_model.save_pretrained(tmp_path / "adapter")
+    fresh, _ = compose_tiny()
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, tuned, atol=1e-5)
+        merged = reloaded.merge_and_unload()
+        assert torch.allclose(merged(**batch).logits, tuned, atol=1e-4)
+    assert text_path_is_base(merged, processor)
+
+
+def test_peft_on_the_base_is_refused(tiny):
+    model, processor = tiny
+    peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=4))
+    with pytest.raises(RuntimeError, match=r"PEFT wrapped the base LLM's language_model\.model\.layers"):
+        peft_model(**processor(text="the quick brown fox"))
+
+
+def run_example(*args, env_extra=None, launcher=()):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    completed = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=600,
+                               cwd=EXAMPLES)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
+
+
+def test_examples_chain_stage1_stage2_peft(tmp_path):
+    run_example(sys.executable, "train_stage1.py", "--out", str(tmp_path / "s1"), "--steps", "10")
+    run_example(sys.executable, "train_stage2.py", "--model", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"),
+                "--steps", "10")
+    peft = run_example(sys.executable, "finetune_peft.py", "--model", str(tmp_path / "s2"), "--out",
+                       str(tmp_path / "peft"), "--steps", "5")
+    assert "text path after PEFT fine-tuning and merging equals the base: True" in peft.stderr
+    merged = GenieBlueForConditionalGeneration.from_pretrained(tmp_path / "peft" / "merged")
+    start = GenieBlueForConditionalGeneration.from_pretrained(tmp_path / "s1")
+    assert state_hash(merged.language_model) == state_hash(start.language_model)
+
+
+def test_two_process_ddp_training_converts_with_the_base_intact(tmp_path):
+    start, processor = compose_tiny()
+    start.save_pretrained(tmp_path / "start")
+    processor.save_pretrained(tmp_path / "start")
+    start.language_model.save_pretrained(tmp_path / "base")
+    run_example(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                "train_stage2.py", "--model", str(tmp_path / "start"), "--out", str(tmp_path / "ddp"),
+                "--steps", "4", "--save-steps", "4", "--batch-size", "4")
+    out = convert(tmp_path / "ddp" / "checkpoint-4", tmp_path / "hub", base=tmp_path / "base")
+    converted = GenieBlueForConditionalGeneration.from_pretrained(out)
+    assert state_hash(converted.language_model) == state_hash(start.language_model)
+    assert state_hash(converted.lora) != state_hash(start.lora)  # it did train
