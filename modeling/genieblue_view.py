@@ -69,6 +69,11 @@ def clone_module_tree(module, replace=None, prefix=""):
     return clone
 
 
+def _is_fsdp_module(module):
+    """A module FSDP2 manages on its own (``fully_shard`` adds ``unshard``/``reshard`` to its class)."""
+    return callable(getattr(module, "unshard", None)) and callable(getattr(module, "reshard", None))
+
+
 def find_decoder_layers(language_model, num_layers):
     """``(path, ModuleList)`` of the decoder blocks of a Hugging Face causal LM."""
     decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else None
@@ -118,7 +123,16 @@ def build_multimodal_view(language_model, layers_path, replicated, lora_trees, s
         index, _, inner = path[len(layer_prefix) :].partition(".")
         index = int(index)
         if not inner and index in replicated:
+            if _is_fsdp_module(replicated[index]):
+                # FSDP2 gathers a sharded block's parameters in hooks on that very object: use it, not a clone.
+                return replicated[index]
             return clone_module_tree(replicated[index])
+        if not inner and _is_fsdp_module(original):
+            raise NotImplementedError(
+                f"base decoder block {index} is sharded with FSDP on its own; the multimodal path reads the frozen "
+                f"base through a view that FSDP's per-module hooks do not reach. Shard the base as part of the root "
+                f"unit (fully_shard(model)); vision tower, projector and replicated blocks may be sharded per module."
+            )
         adapter = adapters.get(index, {}).get(inner)
         if adapter is not None:
             lora_linear = LoraLinear(clone_module_tree(original), adapter, scaling, dropout, mode)

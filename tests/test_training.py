@@ -200,3 +200,36 @@ def test_two_process_ddp_training_converts_with_the_base_intact(tmp_path):
     converted = GenieBlueForConditionalGeneration.from_pretrained(out)
     assert state_hash(converted.language_model) == state_hash(start.language_model)
     assert state_hash(converted.lora) != state_hash(start.lora)  # it did train
+
+
+def test_two_process_fsdp_training_converts_with_the_base_intact(tmp_path):
+    run_example(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                "train_fsdp.py", "--out", str(tmp_path / "fsdp"), "--steps", "3")
+    out = convert(tmp_path / "fsdp" / "dcp", tmp_path / "hub", config=tmp_path / "fsdp" / "start",
+                  base=tmp_path / "fsdp" / "start-base")
+    converted = GenieBlueForConditionalGeneration.from_pretrained(out)
+    start = GenieBlueForConditionalGeneration.from_pretrained(tmp_path / "fsdp" / "start")
+    assert state_hash(converted.language_model) == state_hash(start.language_model)
+    assert state_hash(converted.replicated_layers) != state_hash(start.replicated_layers)  # it did train
+
+
+PER_BLOCK_BASE_SHARDING = """
+import os, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from genieblue_hf.synthetic import compose_tiny, shapes_dataset
+from genieblue_hf.training import ConversationCollator
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29535", rank=0, world_size=1)
+model, processor = compose_tiny()
+fully_shard(model.language_model.model.layers[0])
+fully_shard(model)
+try:
+    model(**ConversationCollator(processor)(shapes_dataset(1)))
+except NotImplementedError as error:
+    print("RESULT", error)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_sharding_a_base_block_on_its_own_is_refused_clearly(tmp_path):
+    completed = run_example(sys.executable, "-c", PER_BLOCK_BASE_SHARDING)
+    assert "RESULT base decoder block 0 is sharded with FSDP on its own" in completed.stdout
