@@ -14,6 +14,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 
 REPLICATION_STRATEGIES = ("skip", "pre", "post")
+# An exported dense model (``genieblue export-dense``): no replicated blocks and no LoRA; the multimodal path is the
+# language model itself, which then is the merged multimodal LM rather than the original base.
+DENSE = "dense"
 LORA_EXECUTION_MODES = ("unmerged", "merged")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -38,6 +41,8 @@ def resolve_replicated_layers(strategy, interval, num_layers):
     36-layer model with interval 4 gets blocks 3, 7, ..., 35. ``"pre"`` and ``"post"`` take the same number of
     blocks from the start or the end of the stack. A list is taken as explicit indices.
     """
+    if strategy == DENSE:
+        return []
     if isinstance(strategy, (list, tuple)):
         indices = [int(i) for i in strategy]
     elif strategy == "skip":
@@ -146,8 +151,15 @@ class GenieBlueConfig(PreTrainedConfig):
     @property
     def lora_layers(self):
         """Indices of the decoder blocks that get LoRA on the multimodal path (all the others)."""
+        if self.is_dense:
+            return []
         replicated = set(self.replicated_layers)
         return [i for i in range(self.text_config.num_hidden_layers) if i not in replicated]
+
+    @property
+    def is_dense(self):
+        """An exported dense model: the multimodal path is the language model itself."""
+        return self.replication_strategy == DENSE
 
     @property
     def lora_scaling(self):
@@ -177,7 +189,7 @@ class GenieBlueConfig(PreTrainedConfig):
             raise ValueError(f"replication_interval must be a positive integer, got {self.replication_interval!r}")
         num_layers = self.text_config.num_hidden_layers
         strategy = self.replication_strategy
-        if not isinstance(strategy, list) and strategy not in REPLICATION_STRATEGIES:
+        if not isinstance(strategy, list) and strategy not in (*REPLICATION_STRATEGIES, DENSE):
             raise ValueError(
                 f"replication_strategy must be one of {REPLICATION_STRATEGIES} or a list of layer indices, got {strategy!r}"
             )
@@ -189,7 +201,7 @@ class GenieBlueConfig(PreTrainedConfig):
                 )
             if len(set(strategy)) != len(strategy):
                 raise ValueError(f"replication_strategy has duplicate layer indices: {strategy}")
-        if not self.replicated_layers:
+        if not self.replicated_layers and not self.is_dense:
             raise ValueError(
                 f"replication_strategy={strategy!r} with replication_interval={self.replication_interval} selects no "
                 f"layer of a {num_layers}-layer model"

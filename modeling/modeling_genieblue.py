@@ -335,8 +335,11 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         """The language model as the multimodal path runs it: replicated blocks swapped in, LoRA on the rest.
 
         It shares every tensor with ``.language_model``, ``.replicated_layers`` and ``.lora`` and is not part of
-        this model's module tree (nothing is saved or registered twice).
+        this model's module tree (nothing is saved or registered twice). A dense export has no view: its language
+        model is the multimodal LM.
         """
+        if self.config.is_dense:
+            return self.language_model
         key = self._view_signature()
         with self._view_lock:
             if self._view is None or self._view_key != key:

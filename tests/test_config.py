@@ -91,3 +91,9 @@ def test_round_trips(tmp_path):
     config.save_pretrained(tmp_path)
     assert_same_config(config, GenieBlueConfig.from_pretrained(tmp_path))
     assert_same_config(config, AutoConfig.from_pretrained(tmp_path))
+
+
+def test_dense_strategy_has_no_replicated_blocks_and_no_lora():
+    config = make(replication_strategy="dense")
+    assert config.is_dense and config.replicated_layers == [] and config.lora_layers == []
+    assert not make().is_dense

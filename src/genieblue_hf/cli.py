@@ -34,6 +34,13 @@ def _convert(args):
     )
 
 
+def _export_dense(args):
+    from .conversion import export_dense
+
+    export_dense(args.model_dir, args.out_dir, language_model_only=args.language_model_only,
+                 overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="genieblue", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +83,15 @@ def build_parser():
     convert.add_argument("--allow-base-drift", action="store_true",
                          help="warn instead of failing when the checkpoint's base differs from --base")
     convert.set_defaults(func=_convert)
+
+    dense = commands.add_parser("export-dense", help="the multimodal path as a plain model (blocks swapped, LoRA merged)")
+    dense.add_argument("model_dir")
+    dense.add_argument("out_dir")
+    dense.add_argument("--language-model-only", action="store_true",
+                       help="write only the dense causal LM, as a folder of the base's own class")
+    dense.add_argument("--overwrite", action="store_true")
+    dense.add_argument("--max-shard-size", default="2GB")
+    dense.set_defaults(func=_export_dense)
     return parser
 
 

@@ -1,0 +1,84 @@
+"""``export_dense``: the multimodal path as a plain model, for runtimes without LoRA or block swapping.
+
+The language model becomes the base's own class with the replicated blocks in their slots and every LoRA merged
+(``W + s·B·A``, computed in float32 and cast to the weight's dtype). The result is saved as a GenieBlue folder with
+``replication_strategy="dense"`` (vision tower and projector included; both routes then run the dense LM), or, with
+``language_model_only``, as a plain causal-LM folder that vLLM, llama.cpp converters or ExecuTorch take as is.
+"""
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..modeling.configuration_genieblue import DENSE, GenieBlueConfig
+from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from ..modeling.genieblue_view import find_decoder_layers
+
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def dense_language_model(model):
+    """A copy of ``model.language_model`` that computes the multimodal path's language part on its own."""
+    dense = copy.deepcopy(model.language_model)
+    _, layers = find_decoder_layers(dense, model.config.text_config.num_hidden_layers)
+    for index, replica in model.replicated_layers.items():
+        layers[int(index)].load_state_dict(replica.state_dict())
+    scaling = model.config.lora_scaling
+    for index, tree in model.lora.items():
+        for path, adapter in tree.adapters().items():
+            linear = layers[int(index)].get_submodule(path)
+            delta = (adapter.lora_B.float() @ adapter.lora_A.float()) * scaling
+            linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
+    return dense
+
+
+def dense_model(model):
+    """A GenieBlue of ``replication_strategy="dense"`` whose language model is ``dense_language_model(model)``."""
+    config = GenieBlueConfig.from_dict({**model.config.to_dict(), "replication_strategy": DENSE})
+    with torch.device("meta"):
+        dense = GenieBlueForConditionalGeneration(config)
+    dense.language_model = dense_language_model(model)
+    dense.vision_tower = copy.deepcopy(model.vision_tower)
+    dense.multi_modal_projector = copy.deepcopy(model.multi_modal_projector)
+    dense.config.text_config = dense.language_model.config
+    dense.config.vision_config = dense.vision_tower.config
+    dense.drop_multimodal_view()
+    return dense.train(model.training)
+
+
+def export_dense(model, out_dir, language_model_only=False, overwrite=False, max_shard_size="2GB"):
+    """Write the dense export of ``model`` (an instance or a saved folder) to ``out_dir`` atomically."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    source_dir = None
+    if not isinstance(model, GenieBlueForConditionalGeneration):
+        source_dir = Path(model)
+        model = GenieBlueForConditionalGeneration.from_pretrained(source_dir)
+    if model.config.is_dense:
+        raise ValueError("the model is already a dense export")
+    target = dense_language_model(model) if language_model_only else dense_model(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        target.save_pretrained(staging, max_shard_size=max_shard_size)
+        if source_dir is not None:  # keep the tokenizer/processor next to the weights
+            for path in source_dir.iterdir():
+                if path.name.startswith(("tokenizer", "processor_config", "preprocessor_config", "chat_template",
+                                         "special_tokens_map", "vocab", "merges", "added_tokens")):
+                    shutil.copy(path, staging / path.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("dense export (%s) written to %s", type(target).__name__, out_dir)
+    return out_dir
