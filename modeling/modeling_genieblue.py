@@ -411,7 +411,12 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
 
     # -- routing --------------------------------------------------------------------------------------------------
     def _resolve_routes(self, input_ids, inputs_embeds, pixel_values, past_key_values, route):
-        """A bool per row: True runs the multimodal path."""
+        """A bool per row (on the CPU, so deciding costs no device sync): True runs the multimodal path.
+
+        Decode steps over a recorded KV cache take the recorded routes without looking at the tokens: a reserved
+        in-vocabulary placeholder id that the base itself generates is just a token on the text path. Only new
+        images (``pixel_values``) are checked against the rows they would join.
+        """
         if route is None:
             route = "auto"
         if route not in ROUTES:
@@ -419,40 +424,42 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        batch, device = reference.shape[0], reference.device
-        has_image = (
-            self.get_placeholder_mask(input_ids).any(-1)
-            if input_ids is not None
-            else torch.zeros(batch, dtype=torch.bool, device=device)
-        )
+        batch = reference.shape[0]
         recorded = self._route_registry.get(past_key_values)
         if recorded is not None:
             if recorded.shape[0] != batch:
                 raise ValueError(
                     f"past_key_values holds {recorded.shape[0]} sequences but this call has {batch} rows"
                 )
-            routes = recorded.to(device)
-            if (route == "text" and routes.any()) or (route == "multimodal" and not routes.all()):
+            if (route == "text" and recorded.any()) or (route == "multimodal" and not recorded.all()):
                 raise ValueError(
                     f"route={route!r} conflicts with the route these sequences started on (multimodal rows: "
-                    f"{routes.nonzero().flatten().tolist()}); a sequence keeps one path for its whole KV cache"
+                    f"{recorded.nonzero().flatten().tolist()}); a sequence keeps one path for its whole KV cache"
                 )
-            text_rows_with_images = (has_image & ~routes).nonzero().flatten().tolist()
-            if text_rows_with_images:
-                raise ValueError(
-                    f"rows {text_rows_with_images} started on the text path and now contain image placeholders; an "
-                    f"image cannot join a text-path KV cache. Run the whole conversation again without past_key_values."
-                )
-            return routes
+            if pixel_values is not None and input_ids is not None:
+                has_image = self.get_placeholder_mask(input_ids).any(-1).cpu()
+                text_rows_with_images = (has_image & ~recorded).nonzero().flatten().tolist()
+                if text_rows_with_images:
+                    raise ValueError(
+                        f"rows {text_rows_with_images} started on the text path and now contain image placeholders; "
+                        f"an image cannot join a text-path KV cache. Run the whole conversation again without "
+                        f"past_key_values."
+                    )
+            return recorded
+        has_image = (
+            self.get_placeholder_mask(input_ids).any(-1).cpu()
+            if input_ids is not None
+            else torch.zeros(batch, dtype=torch.bool)
+        )
         if route == "text":
             if has_image.any() or pixel_values is not None:
                 raise ValueError(
                     f"route='text' runs the base LLM, which has no image placeholder (id {self.config.image_token_id}) "
                     f"and takes no pixel_values"
                 )
-            return torch.zeros(batch, dtype=torch.bool, device=device)
+            return torch.zeros(batch, dtype=torch.bool)
         if route == "multimodal":
-            return torch.ones(batch, dtype=torch.bool, device=device)
+            return torch.ones(batch, dtype=torch.bool)
         if pixel_values is not None and not has_image.any():
             raise ValueError(
                 f"pixel_values were given but input_ids hold no image placeholder token (id "
@@ -504,7 +511,8 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
                     routes, input_ids, pixel_values, inputs_embeds, past_key_values, **common
                 )
         outputs.multimodal_rows = routes
-        self._route_registry.record(outputs.past_key_values, routes)
+        if outputs.past_key_values is not None and self._route_registry.get(outputs.past_key_values) is None:
+            self._route_registry.record(outputs.past_key_values, routes)
         return outputs
 
     def _text_forward(self, input_ids, inputs_embeds, past_key_values, **kwargs):

@@ -376,3 +376,18 @@ def test_bfloat16_base_with_float32_vision_tower():
     row, pixels = image_row(model)
     generated = model.generate(input_ids=row[None], pixel_values=pixels, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, len(row) + 3)
+
+
+def test_reserved_placeholder_generated_by_the_base_is_just_a_token_on_the_text_path():
+    """With an in-vocabulary placeholder id, a text sequence whose base emits that id keeps decoding as the base."""
+    model = tiny_genieblue("qwen2", image_token_id=7)
+    twin = base_twin(model)
+    prompt = text_batch(batch=1, length=6)
+    with torch.no_grad():
+        ours = model(input_ids=prompt, use_cache=True)
+        theirs = twin(input_ids=prompt, use_cache=True)
+        step = torch.tensor([[7]])
+        ours = model(input_ids=step, past_key_values=ours.past_key_values)
+        theirs = twin(input_ids=step, past_key_values=theirs.past_key_values)
+    assert not ours.multimodal_rows.any()
+    assert torch.equal(ours.logits, theirs.logits)
