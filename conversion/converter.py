@@ -275,19 +275,19 @@ def verify_output(folder, plan, dtypes, weight_map, base_path):
     logger.info("verified %d tensors and the text path's bit-identity with the base", len(plan))
 
 
-def _copy_side_files(staging, config, sources):
+def write_side_files(staging, config, processor_sources=()):
+    """Config, generation config and remote code; tokenizer/processor files from the first source that has them."""
     config.save_pretrained(staging)
     GenerationConfig.from_model_config(config).save_pretrained(staging)
     code_dir = Path(__file__).resolve().parents[1] / "modeling"
     for name in REMOTE_CODE_FILES:
         shutil.copy(code_dir / name, staging / name)
-    for folder in sources:
+    for folder in processor_sources:
         if folder is not None and Path(folder).is_dir() and any((Path(folder) / n).is_file() for n in PROCESSOR_FILES):
             for name in PROCESSOR_FILES:
                 if (Path(folder) / name).is_file():
                     shutil.copy(Path(folder) / name, staging / name)
             return True
-    logger.warning("no tokenizer/processor files found; pass --processor DIR to include them")
     return False
 
 
@@ -334,7 +334,8 @@ def convert(src, out, *, format=None, config=None, base=None, rest=None, process
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         weight_map = write_shards(staging, plan, dtypes, metadata, max_shard_size, allow_nonfinite)
-        _copy_side_files(staging, genieblue_config, [processor, src if src.is_dir() else None, rest])
+        if not write_side_files(staging, genieblue_config, [processor, src if src.is_dir() else None, rest]):
+            logger.warning("no tokenizer/processor files found; pass --processor DIR to include them")
         if verify:
             verify_output(staging, plan, dtypes, weight_map, base)
         if out.exists():

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -129,9 +130,7 @@ def populate_hub_cache(folder, repo_id, hf_home):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in folder.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
+    shutil.copytree(folder, snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)  # no trailing newline, as the Hub client writes it
 

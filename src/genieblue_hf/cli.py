@@ -13,6 +13,7 @@ def _publish(args):
     publish(
         args.model_dir, args.out_dir, repo_id=args.repo_id, push=args.push, overwrite=args.overwrite,
         license=args.license, base_model=args.base_model, max_shard_size=args.max_shard_size,
+        non_shared=args.non_shared,
     )
 
 
@@ -54,6 +55,8 @@ def build_parser():
     publish.add_argument("--license", default="apache-2.0")
     publish.add_argument("--base-model", help="Hub id of the base LLM, for the card metadata")
     publish.add_argument("--max-shard-size", default="2GB")
+    publish.add_argument("--non-shared", action="store_true",
+                         help="put the base LLM in language_model/ so text-only users can fetch it alone")
     publish.set_defaults(func=_publish)
 
     compose = commands.add_parser("compose", help="a fresh GenieBlue folder from a base LLM and a SigLIP tower")

@@ -73,7 +73,24 @@ print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_spec
 ```'''
 
 
-def build_model_card(model, repo_id, base_model=None, license="apache-2.0"):
+TEXT_ONLY = '''
+### Text only, without the multimodal files
+
+This repo uses the non-shared layout: the base LLM sits in `language_model/` in its own format, so text-only use
+downloads only those files and needs no remote code (it is exactly this model's text path):
+
+```python
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM
+
+folder = snapshot_download("{repo_id}", allow_patterns=["language_model/*"])
+llm = AutoModelForCausalLM.from_pretrained(folder, subfolder="language_model",
+                                           key_mapping={{r"^language_model\\.": ""}})
+```
+'''
+
+
+def build_model_card(model, repo_id, base_model=None, license="apache-2.0", non_shared=False):
     """A ``huggingface_hub.ModelCard`` whose numbers are computed from ``model``."""
     config = model.config
     text = config.text_config
@@ -101,7 +118,7 @@ blocks plus LoRA on the others.
 ## Quick start
 
 {QUICK_START.format(repo_id=repo_id)}
-
+{TEXT_ONLY.format(repo_id=repo_id) if non_shared else ""}
 ## Architecture
 
 - Decoder blocks: {text.num_hidden_layers}; replicated ({config.replication_strategy!r} strategy, interval
@@ -126,7 +143,7 @@ sequence and kept for all of its decoding steps.
 
 
 def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, license="apache-2.0", base_model=None,
-            max_shard_size="2GB"):
+            max_shard_size="2GB", non_shared=False):
     """Write a complete Hub folder for ``model_dir`` into ``out_dir`` (and push it when ``push``)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -148,10 +165,16 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        if processor is not None:
-            processor.save_pretrained(staging)
-        build_model_card(model, repo_id, base_model=base_model, license=license).save(staging / "README.md")
+        if non_shared:
+            from .deployment import write_non_shared
+
+            write_non_shared(model, staging, processor=processor, max_shard_size=max_shard_size)
+        else:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+            if processor is not None:
+                processor.save_pretrained(staging)
+        card = build_model_card(model, repo_id, base_model=base_model, license=license, non_shared=non_shared)
+        card.save(staging / "README.md")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
