@@ -7,12 +7,11 @@ leaves no partial output behind.
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from .atomic import atomic_output_dir, refuse_existing
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from ..modeling.processing_genieblue import GenieBlueProcessor
 
@@ -26,9 +25,7 @@ def compose(language_model, vision_model, output_dir, overwrite=False, max_shard
 
     When ``language_model`` is a folder with a tokenizer, a matching ``GenieBlueProcessor`` is saved too.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True to replace it")
+    refuse_existing(output_dir, overwrite)
     model = GenieBlueForConditionalGeneration.from_base(language_model, vision_model, **config_overrides)
     processor = None
     if isinstance(language_model, (str, os.PathLike)) and any(
@@ -36,17 +33,9 @@ def compose(language_model, vision_model, output_dir, overwrite=False, max_shard
     ):
         tokenizer = AutoTokenizer.from_pretrained(language_model)
         processor = GenieBlueProcessor.for_model(model.config, tokenizer, max_tiles=max_tiles)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_output_dir(output_dir, overwrite) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("composed GenieBlue (%s replicated blocks) into %s", len(model.replicated_layers), output_dir)
     return model

@@ -11,10 +11,8 @@ temporary folder next to the output, one tensor at a time; verify; rename. Peak 
 import json
 import logging
 import math
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ..modeling.configuration_genieblue import GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from .atomic import atomic_output_dir, refuse_existing
 from .keymap import (
     DEFAULT_RULES, IGNORED_TRAINING_STATE, PARTS, PEFT_RULES, TRAINED_PARTS, parse_key_map, part_of,
 )
@@ -298,8 +297,7 @@ def convert(src, out, *, format=None, config=None, base=None, rest=None, process
     from .. import __version__
 
     src, out = Path(src), Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+    refuse_existing(out, overwrite, ConversionError)
     fmt = format or detect_format(src)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -330,20 +328,12 @@ def convert(src, out, *, format=None, config=None, base=None, rest=None, process
         "source_format": fmt,
         "source_sha256": json.dumps(provenance, sort_keys=True),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output_dir(out, overwrite, ConversionError) as staging:
         weight_map = write_shards(staging, plan, dtypes, metadata, max_shard_size, allow_nonfinite)
         if not write_side_files(staging, genieblue_config, [processor, src if src.is_dir() else None, rest]):
             logger.warning("no tokenizer/processor files found; pass --processor DIR to include them")
         if verify:
             verify_output(staging, plan, dtypes, weight_map, base)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("converted %s (%s, %d tensors) into %s", src, fmt, len(plan), out)
     return out
 

@@ -8,13 +8,12 @@ The language model becomes the base's own class with the replicated blocks in th
 
 import copy
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_output_dir, refuse_existing
 from ..modeling.configuration_genieblue import DENSE, GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from ..modeling.genieblue_view import find_decoder_layers
@@ -55,9 +54,7 @@ def dense_model(model):
 
 def export_dense(model, out_dir, language_model_only=False, overwrite=False, max_shard_size="2GB"):
     """Write the dense export of ``model`` (an instance or a saved folder) to ``out_dir`` atomically."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    refuse_existing(out_dir, overwrite)
     source_dir = None
     if not isinstance(model, GenieBlueForConditionalGeneration):
         source_dir = Path(model)
@@ -65,20 +62,12 @@ def export_dense(model, out_dir, language_model_only=False, overwrite=False, max
     if model.config.is_dense:
         raise ValueError("the model is already a dense export")
     target = dense_language_model(model) if language_model_only else dense_model(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite) as staging:
         target.save_pretrained(staging, max_shard_size=max_shard_size)
         if source_dir is not None:  # keep the tokenizer/processor next to the weights
             for path in source_dir.iterdir():
                 if path.name.startswith(("tokenizer", "processor_config", "preprocessor_config", "chat_template",
                                          "special_tokens_map", "vocab", "merges", "added_tokens")):
                     shutil.copy(path, staging / path.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("dense export (%s) written to %s", type(target).__name__, out_dir)
     return out_dir

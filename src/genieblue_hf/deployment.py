@@ -20,13 +20,11 @@ which is exactly GenieBlue's text path.
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import save_torch_state_dict
 
+from .conversion.atomic import atomic_output_dir
 from .conversion.converter import write_side_files
 
 
@@ -68,20 +66,9 @@ def write_non_shared(model, folder, processor=None, max_shard_size="2GB"):
 
 def save_non_shared(model, out_dir, processor=None, max_shard_size="2GB", overwrite=False):
     """``write_non_shared`` into a temporary folder next to ``out_dir``, renamed when complete."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite) as staging:
         write_non_shared(model, staging, processor=processor, max_shard_size=max_shard_size)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def _take_weight_map(folder, stem, tensors):

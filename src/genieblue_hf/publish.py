@@ -5,14 +5,12 @@ partial folder; a failed push leaves the finished folder in place.
 """
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers import AutoProcessor
 
+from .conversion.atomic import atomic_output_dir, refuse_existing
 from .modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 
 
@@ -148,8 +146,7 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise PublishError(f"{model_dir} is not a saved GenieBlue model folder (no config.json)")
-    if out_dir.exists() and not overwrite:
-        raise PublishError(f"{out_dir} already exists; pass --overwrite to replace it")
+    refuse_existing(out_dir, overwrite, PublishError)
     if push and not repo_id:
         raise PublishError("--push needs --repo-id org/name")
     repo_id = repo_id or f"your-org/{model_dir.name}"
@@ -162,9 +159,7 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
     else:
         logger.warning("%s has no processor files; the Hub folder will hold the model only", model_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite, PublishError) as staging:
         if non_shared:
             from .deployment import write_non_shared
 
@@ -175,12 +170,6 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
                 processor.save_pretrained(staging)
         card = build_model_card(model, repo_id, base_model=base_model, license=license, non_shared=non_shared)
         card.save(staging / "README.md")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Hub folder ready at %s", out_dir)
 
     if push:
