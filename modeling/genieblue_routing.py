@@ -46,6 +46,11 @@ class RouteRegistry:
         with self._lock:
             self._routes[key] = (weakref.ref(cache, forget), routes.detach().to("cpu", torch.bool))
 
+    def forget(self, cache):
+        """Drop what was recorded for ``cache`` (a cache object reused for a new sequence, e.g. a reset StaticCache)."""
+        with self._lock:
+            self._routes.pop(id(cache), None)
+
     def __len__(self):
         return len(self._routes)
 

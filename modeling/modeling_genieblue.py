@@ -612,7 +612,14 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
 
     # -- generation -----------------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, *args, pixel_values=None, is_first_iteration=False, **kwargs):
-        """Pass ``pixel_values`` only where the images are consumed: prefill, or every step without a cache."""
+        """Pass ``pixel_values`` only where the images are consumed: prefill, or every step without a cache.
+
+        An empty cache at the first iteration starts new sequences: generate may reuse one cache object across calls
+        (a reset StaticCache), so the routes recorded for it are forgotten.
+        """
+        cache = kwargs.get("past_key_values")
+        if is_first_iteration and cache is not None and cache.get_seq_length() == 0:
+            self._route_registry.forget(cache)
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values

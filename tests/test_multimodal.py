@@ -391,3 +391,25 @@ def test_reserved_placeholder_generated_by_the_base_is_just_a_token_on_the_text_
         theirs = twin(input_ids=step, past_key_values=theirs.past_key_values)
     assert not ours.multimodal_rows.any()
     assert torch.equal(ours.logits, theirs.logits)
+
+
+def test_beam_search_on_a_mixed_batch_equals_rows_alone():
+    model = tiny_genieblue("qwen2")
+    rows, row_pixels, input_ids, attention_mask, pixels = mixed_batch(model)
+    beams = dict(num_beams=2, num_return_sequences=2, max_new_tokens=4, do_sample=False, early_stopping=True)
+    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, **beams)
+    for i in range(3):
+        alone = model.generate(input_ids=input_ids[i : i + 1], attention_mask=attention_mask[i : i + 1],
+                               pixel_values=row_pixels[i], **beams)
+        assert torch.equal(generated[2 * i : 2 * i + 2], alone), i
+
+
+def test_static_cache_on_both_paths():
+    model = tiny_genieblue("llama")
+    twin = base_twin(model)
+    text = text_batch(batch=1)
+    static = dict(max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(model.generate(input_ids=text, **static), twin.generate(input_ids=text, **static))
+    row, pixels = image_row(model)
+    assert torch.equal(model.generate(input_ids=row[None], pixel_values=pixels, **static),
+                       model.generate(input_ids=row[None], pixel_values=pixels, max_new_tokens=5, do_sample=False))
