@@ -101,8 +101,10 @@ class LoraLinear(nn.Module):
         with self._lock:
             if self._merged_key != key:
                 with torch.no_grad():
-                    delta = (lora_b.float() @ lora_a.float()) * self.scaling
-                    self._merged = (weight.float() + delta.to(weight.device)).to(weight.dtype)
+                    # dequantize() is the identity for plain tensors and unpacks weight-only quantized ones
+                    delta = (lora_b.dequantize().float() @ lora_a.dequantize().float()) * self.scaling
+                    dense = weight.dequantize()
+                    self._merged = (dense.float() + delta.to(dense.device)).to(dense.dtype)
                 self._merged_key = key
             return self._merged
 

@@ -46,6 +46,15 @@ class RouteRegistry:
         with self._lock:
             self._routes[key] = (weakref.ref(cache, forget), routes.detach().to("cpu", torch.bool))
 
+    def __deepcopy__(self, memo):
+        return RouteRegistry()  # routes belong to cache objects of the original model's sequences
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
     def forget(self, cache):
         """Drop what was recorded for ``cache`` (a cache object reused for a new sequence, e.g. a reset StaticCache)."""
         with self._lock:

@@ -46,6 +46,35 @@ class GenieBlueCausalLMOutputWithPast(ModelOutput):
     multimodal_rows: torch.Tensor | None = None
 
 
+class ViewCache:
+    """The cached multimodal view and the signature it was built for. A copied or unpickled model starts empty
+    (the view references the original's tensors; the copy builds its own on first use)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key = None
+        self._view = None
+
+    def get(self, key, build):
+        with self._lock:
+            if self._view is None or self._key != key:
+                self._view, self._key = build(), key
+            return self._view
+
+    def clear(self):
+        with self._lock:
+            self._view, self._key = None, None
+
+    def __deepcopy__(self, memo):
+        return ViewCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
 class GenieBlueMultiModalProjector(nn.Module):
     """Merges each ``r x r`` window of vision patches into one token, then a 2-layer MLP into the LLM width."""
 
@@ -130,9 +159,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.__dict__["_layers_path"] = self._build_multimodal_blocks()
         self.__dict__["_route_registry"] = RouteRegistry()
-        self.__dict__["_view"] = None
-        self.__dict__["_view_key"] = None
-        self.__dict__["_view_lock"] = threading.Lock()
+        self.__dict__["_view_cache"] = ViewCache()
         self.post_init()
         if self.language_model.device.type != "meta":
             self.reset_multimodal_from_base()
@@ -308,9 +335,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
 
     def drop_multimodal_view(self):
         """Forget the cached multimodal view (and its merged LoRA weights); the next image request rebuilds it."""
-        with self._view_lock:
-            self.__dict__["_view"] = None
-            self.__dict__["_view_key"] = None
+        self._view_cache.clear()
 
     def _view_signature(self):
         # The view references tensors by object; if any of them was replaced (``.to()``, ``load_state_dict(assign=
@@ -341,19 +366,18 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         if self.config.is_dense:
             return self.language_model
         key = self._view_signature()
-        with self._view_lock:
-            if self._view is None or self._view_key != key:
-                self.__dict__["_view"] = build_multimodal_view(
-                    self.language_model,
-                    self._layers_path,
-                    {int(i): layer for i, layer in self.replicated_layers.items()},
-                    {int(i): tree for i, tree in self.lora.items()},
-                    scaling=self.config.lora_scaling,
-                    dropout=self.config.lora_dropout,
-                    mode=self.config.lora_execution_mode,
-                )
-                self.__dict__["_view_key"] = key
-            return self._view
+        return self._view_cache.get(
+            key,
+            lambda: build_multimodal_view(
+                self.language_model,
+                self._layers_path,
+                {int(i): layer for i, layer in self.replicated_layers.items()},
+                {int(i): tree for i, tree in self.lora.items()},
+                scaling=self.config.lora_scaling,
+                dropout=self.config.lora_dropout,
+                mode=self.config.lora_execution_mode,
+            ),
+        )
 
     def _apply(self, fn, *args, **kwargs):
         self.drop_multimodal_view()

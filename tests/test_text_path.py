@@ -132,3 +132,23 @@ def test_text_path_concurrent_with_multimodal_requests():
     for t in threads:
         t.join()
     assert failures == []
+
+
+def test_deepcopy_and_pickle_give_independent_models(tmp_path):
+    import copy
+
+    model = tiny_genieblue("qwen2")
+    row, pixels = image_row(model)
+    with torch.no_grad():
+        expected = model(input_ids=row[None], pixel_values=pixels).logits
+        for clone in (copy.deepcopy(model), _pickled(model)):
+            assert torch.equal(clone(input_ids=row[None], pixel_values=pixels).logits, expected)
+            clone.lora["0"].self_attn.q_proj.lora_B.add_(1.0)  # the copy's view reads the copy's tensors
+            assert not torch.equal(clone(input_ids=row[None], pixel_values=pixels).logits, expected)
+        assert torch.equal(model(input_ids=row[None], pixel_values=pixels).logits, expected)
+
+
+def _pickled(model):
+    import pickle
+
+    return pickle.loads(pickle.dumps(model))
