@@ -413,3 +413,16 @@ def test_static_cache_on_both_paths():
     row, pixels = image_row(model)
     assert torch.equal(model.generate(input_ids=row[None], pixel_values=pixels, **static),
                        model.generate(input_ids=row[None], pixel_values=pixels, max_new_tokens=5, do_sample=False))
+
+
+def test_lora_mode_selectable_at_load(tmp_path):
+    model = tiny_genieblue("qwen2")
+    model.save_pretrained(tmp_path)
+    loaded = GenieBlueForConditionalGeneration.from_pretrained(tmp_path, lora_execution_mode="merged").eval()
+    assert loaded.config.lora_execution_mode == "merged"
+    row, pixels = image_row(model)
+    with torch.no_grad():
+        view = loaded.multimodal_language_model()
+        assert {m.default_mode for m in view.modules() if type(m).__name__ == "LoraLinear"} == {"merged"}
+        assert torch.allclose(loaded(input_ids=row[None], pixel_values=pixels).logits,
+                              model(input_ids=row[None], pixel_values=pixels).logits, atol=1e-5)
