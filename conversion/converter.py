@@ -281,13 +281,17 @@ def write_side_files(staging, config, processor_sources=()):
     code_dir = Path(__file__).resolve().parents[1] / "modeling"
     for name in REMOTE_CODE_FILES:
         shutil.copy(code_dir / name, staging / name)
-    for folder in processor_sources:
-        if folder is not None and Path(folder).is_dir() and any((Path(folder) / n).is_file() for n in PROCESSOR_FILES):
-            for name in PROCESSOR_FILES:
-                if (Path(folder) / name).is_file():
-                    shutil.copy(Path(folder) / name, staging / name)
-            return True
-    return False
+    return any(copy_processor_files(folder, staging) for folder in processor_sources)
+
+
+def copy_processor_files(folder, destination):
+    """Copy the tokenizer/processor files of ``folder`` (if it has any) into ``destination``; True if it had some."""
+    if folder is None or not Path(folder).is_dir():
+        return False
+    present = [name for name in PROCESSOR_FILES if (Path(folder) / name).is_file()]
+    for name in present:
+        shutil.copy(Path(folder) / name, Path(destination) / name)
+    return bool(present)
 
 
 def convert(src, out, *, format=None, config=None, base=None, rest=None, processor=None, key_map=(), dtype=None,

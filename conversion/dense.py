@@ -8,12 +8,12 @@ The language model becomes the base's own class with the replicated blocks in th
 
 import copy
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_output_dir, refuse_existing
+from .converter import copy_processor_files
 from ..modeling.configuration_genieblue import DENSE, GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from ..modeling.genieblue_view import find_decoder_layers
@@ -64,10 +64,6 @@ def export_dense(model, out_dir, language_model_only=False, overwrite=False, max
     target = dense_language_model(model) if language_model_only else dense_model(model)
     with atomic_output_dir(out_dir, overwrite) as staging:
         target.save_pretrained(staging, max_shard_size=max_shard_size)
-        if source_dir is not None:  # keep the tokenizer/processor next to the weights
-            for path in source_dir.iterdir():
-                if path.name.startswith(("tokenizer", "processor_config", "preprocessor_config", "chat_template",
-                                         "special_tokens_map", "vocab", "merges", "added_tokens")):
-                    shutil.copy(path, staging / path.name)
+        copy_processor_files(source_dir, staging)  # keep the tokenizer/processor next to the weights
     logger.info("dense export (%s) written to %s", type(target).__name__, out_dir)
     return out_dir

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
 from genieblue_hf.cli import main
-from genieblue_hf.conversion import ConversionError, compose, convert
+from genieblue_hf.conversion import ConversionError, convert
 from genieblue_hf.conversion import converter as convert_module
 
 from conftest import base_twin, image_row, state_hash, text_batch, tiny_genieblue

@@ -55,7 +55,6 @@ def saved_keys_of(path):
 
 def test_publish_non_shared_card_snippet_runs(tmp_path):
     import re
-    import sys
     from genieblue_hf.cli import main
     from test_hub_packaging import populate_hub_cache, run_isolated
 

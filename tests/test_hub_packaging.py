@@ -9,8 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
 from genieblue_hf import GenieBlueProcessor
 

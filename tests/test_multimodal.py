@@ -87,7 +87,6 @@ def test_generate_never_emits_the_image_token():
 
 
 def mixed_batch(model):
-    rows, pixels = [], []
     text = text_batch(batch=1, length=9, seed=3)[0]
     one, one_px = image_row(model, num_images=1, seed=4)
     two, two_px = image_row(model, num_images=2, seed=5)

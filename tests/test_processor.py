@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoProcessor, SiglipVisionModel
 
-from genieblue_hf import GenieBlueConfig, GenieBlueForConditionalGeneration, GenieBlueImageProcessor, GenieBlueProcessor
+from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueImageProcessor, GenieBlueProcessor
 
 from conftest import IMAGE_SIZE, TOKENS_PER_TILE, perturb_multimodal, tiny_base, tiny_vision_config
 from tokenizers_for_tests import bpe_tokenizer, sentencepiece_tokenizer

@@ -11,12 +11,11 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers import AutoProcessor
 
 from .conversion.atomic import atomic_output_dir, refuse_existing
+from .conversion.converter import PROCESSOR_FILES
 from .modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 
 
 logger = logging.getLogger(__name__)
-
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
 class PublishError(RuntimeError):
@@ -154,7 +153,7 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
     logger.info("loading %s", model_dir)
     model = GenieBlueForConditionalGeneration.from_pretrained(model_dir)
     processor = None
-    if any((model_dir / name).is_file() for name in PROCESSOR_FILES):
+    if any((model_dir / name).is_file() for name in PROCESSOR_FILES if name.endswith("config.json")):
         processor = AutoProcessor.from_pretrained(model_dir)
     else:
         logger.warning("%s has no processor files; the Hub folder will hold the model only", model_dir)
