@@ -1,16 +1,16 @@
-"""Quick start: compose a tiny GenieBlue, run a text-only and an image request, and check the text path.
+"""Quick start: compose a tiny GenieBlue, ask it about an image and about text, and check the text path.
 
-Everything is built locally from small random-initialised configs (no download): a Qwen2-style base LLM and a
-SigLIP vision tower are composed with ``GenieBlueForConditionalGeneration.from_base``. The multimodal path is then
-given weights of its own (standing in for training), so the two paths really differ.
+Everything is built locally (no download): a byte-level BPE tokenizer trained on a few sentences, a small Qwen2-style
+base LLM and a small SigLIP tower, composed with ``GenieBlueForConditionalGeneration.from_base``. The multimodal
+path is then given weights of its own (a stand-in for training), so the two paths really differ. The weights are
+random, so the words are too: what the demo shows is the routing and the text path's bit-identity with the base.
 """
 
 import logging
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from genieblue_hf import GenieBlueForConditionalGeneration
+from genieblue_hf.synthetic import compose_tiny, shape_image
 
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -18,39 +18,35 @@ log = logging.getLogger("quickstart")
 
 
 def main():
-    torch.manual_seed(0)
-    base = Qwen2ForCausalLM(
-        Qwen2Config(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-        )
-    ).eval()
-    vision = SiglipVisionModel(
-        SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, vision_use_head=False)
-    ).eval()
-    model = GenieBlueForConditionalGeneration.from_base(base, vision).eval()
-    with torch.no_grad():  # stand-in for stage-2 training: give LoRA and the replicated blocks their own weights
+    model, processor = compose_tiny(seed=0)
+    model.eval()
+    with torch.no_grad():  # stand-in for stage-2 training: LoRA and the replicated blocks get weights of their own
         for name, param in model.named_parameters():
             if name.startswith("replicated_layers.") or name.endswith("lora_B"):
                 param.add_(torch.randn_like(param) * 0.05)
-
     config = model.config
-    log.info("replicated blocks %s, LoRA rank %d on blocks %s", config.replicated_layers, config.lora_rank,
+    log.info("replicated blocks %s; LoRA rank %d on blocks %s", config.replicated_layers, config.lora_rank,
              config.lora_layers)
 
-    prompt = torch.randint(3, 128, (1, 10))
-    text_ids = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
-    base_ids = base.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
-    log.info("text-only request -> %s", text_ids[0, 10:].tolist())
+    def ask(content, images=None):
+        messages = [{"role": "user", "content": content}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=prompt, images=images)
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        return inputs, output[:, inputs["input_ids"].shape[1]:]
 
-    tokens = config.image_tokens_per_tile
-    image_prompt = torch.cat([prompt[:, :3], torch.full((1, tokens), config.image_token_id), prompt[:, 3:]], dim=1)
-    pixel_values = torch.rand(1, 3, 32, 32) * 2 - 1
-    image_ids = model.generate(input_ids=image_prompt, pixel_values=pixel_values, max_new_tokens=8, do_sample=False)
-    log.info("image request     -> %s", image_ids[0, image_prompt.shape[1]:].tolist())
+    image = shape_image("red", "circle", size=32)
+    _, answer = ask([{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}], images=[image])
+    log.info("image request     -> %r (multimodal path)", processor.batch_decode(answer, skip_special_tokens=True)[0])
 
-    identical = torch.equal(text_ids, base_ids)
+    inputs, answer = ask([{"type": "text", "text": "describe the image"}])
+    log.info("text-only request -> %r (base LLM)", processor.batch_decode(answer, skip_special_tokens=True)[0])
+
+    # the base LLM as its own, separate instance of its class, holding the same weights
+    base = type(model.language_model)(model.language_model.config)
+    base.load_state_dict(model.language_model.state_dict())
+    base_output = base.eval().generate(**inputs, max_new_tokens=8, do_sample=False)
+    identical = torch.equal(answer, base_output[:, inputs["input_ids"].shape[1]:])
     log.info("text path equals the base LLM, bit for bit: %s", identical)
     if not identical:
         raise SystemExit("text path differs from the base LLM")

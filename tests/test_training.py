@@ -233,3 +233,8 @@ dist.destroy_process_group()
 def test_fsdp_sharding_a_base_block_on_its_own_is_refused_clearly(tmp_path):
     completed = run_example(sys.executable, "-c", PER_BLOCK_BASE_SHARDING)
     assert "RESULT base decoder block 0 is sharded with FSDP on its own" in completed.stdout
+
+
+def test_readme_demo_runs():
+    completed = run_example(sys.executable, "quickstart.py")
+    assert "text path equals the base LLM, bit for bit: True" in completed.stderr
