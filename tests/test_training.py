@@ -202,15 +202,28 @@ def test_two_process_ddp_training_converts_with_the_base_intact(tmp_path):
     assert state_hash(converted.lora) != state_hash(start.lora)  # it did train
 
 
-def test_two_process_fsdp_training_converts_with_the_base_intact(tmp_path):
-    run_example(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-                "train_fsdp.py", "--out", str(tmp_path / "fsdp"), "--steps", "3")
-    out = convert(tmp_path / "fsdp" / "dcp", tmp_path / "hub", config=tmp_path / "fsdp" / "start",
-                  base=tmp_path / "fsdp" / "start-base")
+@pytest.mark.parametrize("engine, port", [("fsdp", "29534"), ("ddp", "29536")])
+def test_two_process_torch_engines_convert_with_the_base_intact(tmp_path, engine, port):
+    run_example(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                "train_distributed.py", "--engine", engine, "--out", str(tmp_path / engine), "--steps", "3")
+    out = convert(tmp_path / engine / "dcp", tmp_path / "hub", config=tmp_path / engine / "start",
+                  base=tmp_path / engine / "start-base")
     converted = GenieBlueForConditionalGeneration.from_pretrained(out)
-    start = GenieBlueForConditionalGeneration.from_pretrained(tmp_path / "fsdp" / "start")
+    start = GenieBlueForConditionalGeneration.from_pretrained(tmp_path / engine / "start")
     assert state_hash(converted.language_model) == state_hash(start.language_model)
     assert state_hash(converted.replicated_layers) != state_hash(start.replicated_layers)  # it did train
+
+
+def test_trainer_with_gradient_checkpointing_and_bf16(tiny, tmp_path):
+    model, processor = tiny
+    base_hash = state_hash(model.language_model)
+    model.configure_training(stage=2)
+    trainer = Trainer(model=model, args=args_for(tmp_path, steps=3, gradient_checkpointing=True, bf16=True),
+                      train_dataset=shapes_dataset(24), data_collator=ConversationCollator(processor))
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.replicated_layers.modules())
+    assert state_hash(model.language_model) == base_hash
 
 
 PER_BLOCK_BASE_SHARDING = """
