@@ -189,9 +189,6 @@ class MappedSource(TensorSource):
     def get(self, key):
         return self.source.get(self._original[key])
 
-    def original_key(self, key):
-        return self._original[key]
-
 
 def _apply_rules(key, rules):
     for _ in range(16):
