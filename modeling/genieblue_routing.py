@@ -107,8 +107,8 @@ def merge_cache_rows(target, parts, row_groups, batch_size):
         if layer_idx < len(target.layers) and getattr(target.layers[layer_idx], "keys", None) is not None and (
             target.layers[layer_idx].keys.numel() > 0
         ):
-            # The layer already holds this batch's earlier tokens: replace them with the merged, longer states.
-            _dynamic_layers(target)
+            # The layer already holds this batch's earlier tokens (split_cache checked it is a DynamicLayer):
+            # replace them with the merged, longer states.
             target.layers[layer_idx].keys = keys
             target.layers[layer_idx].values = values
         else:

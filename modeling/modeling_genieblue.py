@@ -434,7 +434,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         return embeds, features
 
     # -- routing --------------------------------------------------------------------------------------------------
-    def _resolve_routes(self, input_ids, inputs_embeds, pixel_values, past_key_values, route):
+    def _resolve_routes(self, input_ids, inputs_embeds, pixel_values, recorded, route):
         """A bool per row (on the CPU, so deciding costs no device sync): True runs the multimodal path.
 
         Decode steps over a recorded KV cache take the recorded routes without looking at the tokens: a reserved
@@ -449,7 +449,6 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         if reference is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         batch = reference.shape[0]
-        recorded = self._route_registry.get(past_key_values)
         if recorded is not None:
             if recorded.shape[0] != batch:
                 raise ValueError(
@@ -513,7 +512,8 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         """
         if lora_mode is not None and lora_mode not in LORA_EXECUTION_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_EXECUTION_MODES}, got {lora_mode!r}")
-        routes = self._resolve_routes(input_ids, inputs_embeds, pixel_values, past_key_values, route)
+        recorded = self._route_registry.get(past_key_values)
+        routes = self._resolve_routes(input_ids, inputs_embeds, pixel_values, recorded, route)
         self._check_no_adapter_on_base()
         if self.training and torch.is_grad_enabled():
             self._check_base_frozen()
@@ -535,7 +535,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
                     routes, input_ids, pixel_values, inputs_embeds, past_key_values, **common
                 )
         outputs.multimodal_rows = routes
-        if outputs.past_key_values is not None and self._route_registry.get(outputs.past_key_values) is None:
+        if outputs.past_key_values is not None and (recorded is None or outputs.past_key_values is not past_key_values):
             self._route_registry.record(outputs.past_key_values, routes)
         return outputs
 
