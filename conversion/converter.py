@@ -25,7 +25,7 @@ from ..modeling.configuration_genieblue import GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from .atomic import atomic_output_dir, refuse_existing
 from .keymap import (
-    DEFAULT_RULES, IGNORED_TRAINING_STATE, PARTS, PEFT_RULES, TRAINED_PARTS, parse_key_map, part_of,
+    DEFAULT_RULES, IGNORED_TRAINING_STATE, PARTS, PEFT_RULES, TRAINED_PARTS, parse_key_map, part_of, tied_keys,
 )
 from .sources import (
     _SAFETENSORS_DTYPES, ConversionError, DistributedCheckpointSource, MappedSource, MergedSource, SafetensorsSource,
@@ -77,10 +77,8 @@ def expected_tensors(config):
     """``{key: shape}`` a GenieBlue model of ``config`` saves (tied output embeddings left out)."""
     with torch.device("meta"):
         model = GenieBlueForConditionalGeneration(config)
-    shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    if getattr(config.text_config, "tie_word_embeddings", False):
-        shapes.pop("language_model.lm_head.weight", None)
-    return shapes
+    tied = tied_keys(config)
+    return {key: tuple(t.shape) for key, t in model.state_dict().items() if key not in tied}
 
 
 def _peft_source(src, config, rest):

@@ -66,6 +66,11 @@ def part_of(key):
     return head if head in PARTS else "unknown"
 
 
+def tied_keys(config):
+    """Keys a GenieBlue checkpoint leaves out because they are tied (the base's output embeddings)."""
+    return {"language_model.lm_head.weight"} if getattr(config.text_config, "tie_word_embeddings", False) else set()
+
+
 def base_key(key):
     """A key of the base causal LM as it sits in a GenieBlue checkpoint."""
     return "language_model." + key

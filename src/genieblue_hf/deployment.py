@@ -26,6 +26,7 @@ from huggingface_hub import save_torch_state_dict
 
 from .conversion.atomic import atomic_output_dir
 from .conversion.converter import write_side_files
+from .conversion.keymap import tied_keys
 
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,8 @@ INDEX = "model.safetensors.index.json"
 
 
 def _split_state_dict(model):
-    state = model.state_dict()
-    if getattr(model.config.text_config, "tie_word_embeddings", False):
-        state.pop("language_model.lm_head.weight", None)  # tied to the input embeddings; rebuilt on load
+    tied = tied_keys(model.config)  # rebuilt from the input embeddings on load
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
     base = {k: v for k, v in state.items() if k.startswith("language_model.")}
     rest = {k: v for k, v in state.items() if not k.startswith("language_model.")}
     return base, rest
