@@ -80,7 +80,8 @@ class GenieBlueConfig(PreTrainedConfig):
         text_config: config (or dict) of the frozen base decoder, any Hugging Face causal LM with a ``layers`` list.
             Defaults to ``Qwen2Config()`` (transformers needs a config that builds with no arguments).
         vision_config: config (or dict) of the SigLIP vision tower. Defaults to ``SiglipVisionConfig()``.
-        replication_strategy: ``"skip"``, ``"pre"``, ``"post"`` or an explicit list of layer indices.
+        replication_strategy: ``"skip"``, ``"pre"``, ``"post"`` or an explicit list of layer indices. An empty list
+            replicates nothing and puts LoRA on every block (the paper's LoRA-only baseline).
         replication_interval: one block in every ``replication_interval`` is replicated (default 4: a quarter).
         lora_rank, lora_alpha, lora_dropout, use_rslora: LoRA on every non-replicated block. The scale is
             ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA, as in PEFT.
@@ -201,7 +202,7 @@ class GenieBlueConfig(PreTrainedConfig):
                 )
             if len(set(strategy)) != len(strategy):
                 raise ValueError(f"replication_strategy has duplicate layer indices: {strategy}")
-        if not self.replicated_layers and not self.is_dense:
+        if not self.replicated_layers and not self.is_dense and not isinstance(strategy, list):
             raise ValueError(
                 f"replication_strategy={strategy!r} with replication_interval={self.replication_interval} selects no "
                 f"layer of a {num_layers}-layer model"

@@ -97,3 +97,9 @@ def test_dense_strategy_has_no_replicated_blocks_and_no_lora():
     config = make(replication_strategy="dense")
     assert config.is_dense and config.replicated_layers == [] and config.lora_layers == []
     assert not make().is_dense
+
+
+def test_empty_strategy_is_lora_on_every_block():
+    config = make(replication_strategy=[])
+    assert config.replicated_layers == [] and not config.is_dense
+    assert config.lora_layers == list(range(config.text_config.num_hidden_layers))
