@@ -1,4 +1,4 @@
-"""``genieblue`` command line: ``publish`` (and ``compose``) GenieBlue Hub folders."""
+"""``genieblue`` command line: compose, convert, export and publish GenieBlue Hub folders; ``bench paper``."""
 
 import argparse
 import logging
@@ -40,6 +40,18 @@ def _export_dense(args):
 
     export_dense(args.model_dir, args.out_dir, language_model_only=args.language_model_only,
                  overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+
+
+def _bench_paper(args):
+    from .miniature import Settings, reproduce
+
+    settings = Settings.quick() if args.quick else Settings()
+    if args.seeds:
+        settings.seeds = tuple(args.seeds)
+    if args.stage2_steps:
+        settings.stage2_steps = args.stage2_steps
+    settings.cache_dir = args.cache_dir
+    reproduce(args.out, settings, demo_model_dir=args.save_demo_model, overwrite=args.overwrite)
 
 
 def build_parser():
@@ -95,6 +107,20 @@ def build_parser():
     dense.add_argument("--overwrite", action="store_true")
     dense.add_argument("--max-shard-size", default="2GB")
     dense.set_defaults(func=_export_dense)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    paper = benches.add_parser(
+        "paper", help="the paper's Tables 3-6 in miniature: synthetic data, tiny models, CPU, ~15 minutes"
+    )
+    paper.add_argument("--out", default="docs/miniature", help="folder for results.json, tables.md, retention.png")
+    paper.add_argument("--quick", action="store_true", help="seconds-long settings (one seed, three variants)")
+    paper.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
+    paper.add_argument("--stage2-steps", type=int, help="image batches per variant in stage 2")
+    paper.add_argument("--save-demo-model", metavar="DIR", help="also save the first seed's GenieBlue-Skip model")
+    paper.add_argument("--cache-dir", help="reuse the pretrained base and vision tower between runs")
+    paper.add_argument("--overwrite", action="store_true")
+    paper.set_defaults(func=_bench_paper)
     return parser
 
 

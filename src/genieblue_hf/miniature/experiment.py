@@ -1,0 +1,226 @@
+"""The miniature's experiment: pretrain once, then per seed run stage 1 and every variant's stage 2, and score them.
+
+Per seed: the same stage-1 projector, the same data and the same batch order for every variant, so the variants
+differ only in how the LLM side is adapted. Scores are exact-match accuracies (greedy decoding).
+"""
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from ..modeling.processing_genieblue import GenieBlueProcessor
+from ..training import ConversationCollator
+from . import pretrain, tasks
+from .loop import batches_of, exact_match, train
+from .variants import VARIANTS, VARIANTS_BY_NAME
+
+
+logger = logging.getLogger(__name__)
+
+# The runs of the paper's tables: every variant trained on image data mixed with text data (the paper's 9M set),
+# plus Table 3's Full-Finetune without text data.
+DEFAULT_RUNS = tuple((variant.name, True) for variant in VARIANTS) + (("Full-Finetune", False),)
+
+
+@dataclass
+class Settings:
+    """Sizes and budgets; the defaults take about 15 minutes on a 2-core CPU."""
+
+    seeds: tuple = (0, 1, 2)
+    runs: tuple = DEFAULT_RUNS
+    hidden_size: int = 64
+    lora_rank: int = 8
+    batch_size: int = 32
+    base_steps: int = 800
+    vision_steps: int = 200
+    stage1_steps: int = 100
+    stage2_steps: int = 250
+    text_mix: float = 2 / 7  # text batches per image batch, the paper's 2M text samples on top of 7M
+    learning_rate: float = 1e-3
+    multimodal_test_size: int = 500
+    threads: int = 2
+    cache_dir: str = None  # keep the pretrained base and vision tower here, keyed by the settings that shape them
+
+    @classmethod
+    def quick(cls):
+        """Short settings for tests: the whole pipeline, seconds per stage, one seed and three variants."""
+        return cls(
+            seeds=(0,), runs=(("Full-Finetune", True), ("LoRA", True), ("GenieBlue-Skip", True)),
+            base_steps=60, vision_steps=20, stage1_steps=10, stage2_steps=20, multimodal_test_size=50,
+        )
+
+    def check(self):
+        for name, _ in self.runs:
+            if name not in VARIANTS_BY_NAME:
+                raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS_BY_NAME)}")
+        if not self.seeds:
+            raise ValueError("settings.seeds is empty")
+        for name in ("base_steps", "vision_steps", "stage1_steps", "stage2_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"settings.{name} must be at least 1, got {getattr(self, name)}")
+        if self.text_mix < 0:
+            raise ValueError(f"settings.text_mix must be >= 0, got {self.text_mix}")
+
+
+@dataclass
+class Bench:
+    """What every seed shares: tokenizer, processor, the pretrained base and vision tower, the test sets."""
+
+    processor: GenieBlueProcessor
+    collator: ConversationCollator
+    base: torch.nn.Module
+    vision_tower: torch.nn.Module
+    text_test: dict
+    multimodal_test: list
+    stop_token_id: int
+    base_text_scores: dict = field(default_factory=dict)
+
+
+def prepare(settings):
+    """Tokenizer, processor, base LLM (pretrained on the text task) and vision tower (pretrained on the scenes)."""
+    tokenizer = pretrain.build_tokenizer()
+    base = pretrain.new_base(tokenizer, hidden_size=settings.hidden_size)
+    vision = pretrain.new_vision_tower()
+    config = GenieBlueForConditionalGeneration.from_base(base, vision).config
+    processor = GenieBlueProcessor.for_model(config, tokenizer, max_tiles=1)
+    collator = ConversationCollator(processor)
+    cached = _pretrained_cache(settings)
+    if cached is not None and cached.exists():
+        state = torch.load(cached, weights_only=True)
+        base.load_state_dict(state["base"])
+        vision.load_state_dict(state["vision"])
+        base.requires_grad_(False).eval(), vision.eval()
+        logger.info("pretrained base and vision tower read from %s", cached)
+    else:
+        pretrain.pretrain_base(base, collator, settings.base_steps, settings.batch_size, settings.learning_rate * 2)
+        pretrain.pretrain_vision(vision, processor.image_processor, settings.vision_steps, 64, 2e-3)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(".partial")
+            torch.save({"base": base.state_dict(), "vision": vision.state_dict()}, partial)
+            os.replace(partial, cached)
+    multimodal_test = tasks.multimodal_samples(settings.multimodal_test_size, seed=10_000)
+    bench = Bench(
+        processor=processor, collator=collator, base=base, vision_tower=vision,
+        text_test={task: batches_of(collator, samples, 128) for task, samples in tasks.text_eval_samples().items()},
+        multimodal_test=multimodal_test, stop_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+
+    def base_forward(model, inputs, _kwargs):
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+    bench.base_text_scores = {
+        task: exact_match(base, batches, bench.stop_token_id, forward=base_forward)
+        for task, batches in bench.text_test.items()
+    }
+    logger.info("base LLM text scores: %s", {t: round(s.float().mean().item(), 3) for t, s in bench.base_text_scores.items()})
+    return bench
+
+
+def _pretrained_cache(settings):
+    if settings.cache_dir is None:
+        return None
+    key = {k: getattr(settings, k) for k in ("hidden_size", "batch_size", "base_steps", "vision_steps", "learning_rate")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(settings.cache_dir) / f"pretrained-{digest}.pt"
+
+
+def _multimodal_scores(model, bench, forward):
+    batches = batches_of(bench.collator, bench.multimodal_test, 128)
+    correct = exact_match(model, batches, bench.stop_token_id, forward=forward)
+    kinds = [sample["kind"] for sample in bench.multimodal_test]
+    return {kind: correct[[k == kind for k in kinds]].float().mean().item() for kind in tasks.QUESTION_KINDS}
+
+
+def _text_scores(model, bench, forward, route):
+    return {
+        task: exact_match(model, batches, bench.stop_token_id, forward=forward, route=route)
+        for task, batches in bench.text_test.items()
+    }
+
+
+def run_seed(bench, settings, seed, keep=None):
+    """Stage 1 once, then every run of ``settings.runs`` from it; returns one result dict per run.
+
+    ``keep`` names a run (``(variant, text_data)``) whose trained model is returned as well (the demo model).
+    """
+    torch.manual_seed(seed)
+    train_samples = tasks.multimodal_samples(settings.stage2_steps * settings.batch_size, seed=seed)
+    image_batches = batches_of(bench.collator, train_samples, settings.batch_size)
+    text_count = round(len(image_batches) * settings.text_mix)
+    text_batches = batches_of(
+        bench.collator, tasks.text_train_samples(text_count * settings.batch_size, seed=seed + 1), settings.batch_size
+    )
+
+    stage1 = GenieBlueForConditionalGeneration.from_base(copy.deepcopy(bench.base), copy.deepcopy(bench.vision_tower))
+    stage1.configure_training(stage=1)
+    stage1_schedule = [(image_batches[i % len(image_batches)], {}) for i in range(settings.stage1_steps)]
+    train(stage1, stage1_schedule, settings.learning_rate, desc=f"seed {seed} stage 1 (projector)")
+    projector_state = stage1.multi_modal_projector.state_dict()
+
+    results, kept = [], None
+    for name, text_data in settings.runs:
+        variant = VARIANTS_BY_NAME[name]
+        torch.manual_seed(seed)
+        model = variant.build(bench.base, bench.vision_tower, projector_state, settings.lora_rank)
+        trainable = sum(model.trainable_parameters().values())
+        schedule = [(batch, {}) for batch in image_batches]
+        if text_data:  # text rows train the multimodal path (for Full-Finetune that is the LLM itself)
+            schedule += [(batch, {"route": "multimodal"}) for batch in text_batches]
+            random.Random(seed).shuffle(schedule)
+        started = time.perf_counter()
+        label = f"{name}{' +text' if text_data else ''}"
+        final_loss = train(model, schedule, settings.learning_rate, desc=f"seed {seed} {label}", forward=variant.forward)
+        seconds = time.perf_counter() - started
+        shared = _text_scores(model, bench, variant.forward, route="multimodal")
+        non_shared = _text_scores(model, bench, variant.forward, route="text") if variant.has_base else None
+        result = {
+            "seed": seed, "variant": name, "text_data": text_data, "trainable_parameters": trainable,
+            "train_seconds": round(seconds, 1), "final_loss": final_loss,
+            "multimodal": _multimodal_scores(model, bench, variant.forward),
+            "text_shared": {task: s.float().mean().item() for task, s in shared.items()},
+            "text_non_shared": None if non_shared is None else {t: s.float().mean().item() for t, s in non_shared.items()},
+            # the design's promise, checked sample by sample: the non-shared text path answers exactly as the base
+            "non_shared_equals_base": None if non_shared is None else all(
+                torch.equal(non_shared[task], bench.base_text_scores[task]) for task in non_shared
+            ),
+        }
+        logger.info("seed %d %s: multimodal %s, text shared %s", seed, label,
+                    _mean(result["multimodal"]), _mean(result["text_shared"]))
+        results.append(result)
+        if keep == (name, text_data):
+            kept = model
+    return results, kept
+
+
+def _mean(scores):
+    return round(sum(scores.values()) / len(scores), 3)
+
+
+def run(settings, keep=None):
+    """The whole experiment; returns ``{"settings", "base_text", "results"}`` and the kept model (or ``None``)."""
+    settings.check()
+    torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    bench = prepare(settings)
+    results, kept = [], None
+    for seed in settings.seeds:
+        seed_results, seed_kept = run_seed(bench, settings, seed, keep=keep if kept is None else None)
+        results += seed_results
+        kept = kept or seed_kept
+    report = {
+        "settings": {**asdict(settings), "seeds": list(settings.seeds), "runs": [list(run) for run in settings.runs]},
+        "base_text": {task: s.float().mean().item() for task, s in bench.base_text_scores.items()},
+        "results": results,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return report, kept, bench
