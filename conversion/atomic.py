@@ -24,6 +24,9 @@ def atomic_output_dir(out_dir, overwrite=False, error=FileExistsError):
     refuse_existing(out_dir, overwrite, error)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)  # mkdtemp makes the folder private (0700); the output gets the usual permissions
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     try:
         yield staging
         if out_dir.exists():
