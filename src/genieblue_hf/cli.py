@@ -43,7 +43,11 @@ def _export_dense(args):
 
 
 def _bench_paper(args):
-    from .miniature import Settings, reproduce
+    from .miniature import Settings, render, reproduce
+
+    if args.from_results:
+        render(args.from_results)
+        return
 
     settings = Settings.quick() if args.quick else Settings()
     if args.seeds:
@@ -111,7 +115,7 @@ def build_parser():
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
     paper = benches.add_parser(
-        "paper", help="the paper's Tables 3-6 in miniature: synthetic data, tiny models, CPU, ~15 minutes"
+        "paper", help="the paper's Tables 3-6 in miniature: synthetic data, tiny models, CPU, ~18 minutes"
     )
     paper.add_argument("--out", default="docs/miniature", help="folder for results.json, tables.md, retention.png")
     paper.add_argument("--quick", action="store_true", help="seconds-long settings (one seed, three variants)")
@@ -120,6 +124,8 @@ def build_parser():
     paper.add_argument("--save-demo-model", metavar="DIR", help="also save the first seed's GenieBlue-Skip model")
     paper.add_argument("--cache-dir", help="reuse the pretrained base and vision tower between runs")
     paper.add_argument("--overwrite", action="store_true")
+    paper.add_argument("--from-results", metavar="RESULTS_JSON",
+                       help="only redraw tables.md and retention.png beside an existing results.json (no training)")
     paper.set_defaults(func=_bench_paper)
     return parser
 

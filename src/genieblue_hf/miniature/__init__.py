@@ -51,6 +51,24 @@ def reproduce(out_dir, settings=None, demo_model_dir=None, overwrite=False):
     return results
 
 
+def render(results_path, out_dir=None):
+    """Write ``tables.md`` and ``retention.png`` again from a ``results.json`` (beside it by default)."""
+    from pathlib import Path
+
+    from . import report as tables
+
+    results_path = Path(results_path)
+    try:
+        results = json.loads(results_path.read_text())
+        markdown = tables.markdown(results)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{results_path} is not a results.json of `genieblue bench paper` ({error!r})") from None
+    out_dir = Path(out_dir) if out_dir else results_path.parent
+    (out_dir / "tables.md").write_text(markdown)
+    tables.plot(results, out_dir / "retention.png")
+    return results
+
+
 def save_demo_model(model, processor, out_dir, overwrite=False):
     """Save a trained miniature model with its processor, without the remote-code files.
 
@@ -66,4 +84,4 @@ def save_demo_model(model, processor, out_dir, overwrite=False):
     logger.info("demo model saved to %s", out_dir)
 
 
-__all__ = ["DEFAULT_RUNS", "Settings", "reproduce", "run", "save_demo_model"]
+__all__ = ["DEFAULT_RUNS", "Settings", "render", "reproduce", "run", "save_demo_model"]

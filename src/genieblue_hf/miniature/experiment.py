@@ -33,7 +33,7 @@ DEFAULT_RUNS = tuple((variant.name, True) for variant in VARIANTS) + (("Full-Fin
 
 @dataclass
 class Settings:
-    """Sizes and budgets; the defaults take about 15 minutes on a 2-core CPU."""
+    """Sizes and budgets; the defaults take about 18 minutes on a 2-core CPU."""
 
     seeds: tuple = (0, 1, 2)
     runs: tuple = DEFAULT_RUNS
@@ -209,14 +209,18 @@ def _mean(scores):
 def run(settings, keep=None):
     """The whole experiment; returns ``{"settings", "base_text", "results"}`` and the kept model (or ``None``)."""
     settings.check()
-    torch.set_num_threads(settings.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)  # timings and float results depend on it; restored afterwards
     started = time.perf_counter()
-    bench = prepare(settings)
-    results, kept = [], None
-    for seed in settings.seeds:
-        seed_results, seed_kept = run_seed(bench, settings, seed, keep=keep if kept is None else None)
-        results += seed_results
-        kept = kept or seed_kept
+    try:
+        bench = prepare(settings)
+        results, kept = [], None
+        for seed in settings.seeds:
+            seed_results, seed_kept = run_seed(bench, settings, seed, keep=keep if kept is None else None)
+            results += seed_results
+            kept = kept or seed_kept
+    finally:
+        torch.set_num_threads(threads)
     report = {
         "settings": {**asdict(settings), "seeds": list(settings.seeds), "runs": [list(run) for run in settings.runs]},
         "base_text": {task: s.float().mean().item() for task, s in bench.base_text_scores.items()},

@@ -146,16 +146,19 @@ def plot(report, path):
     left.set_title("Multimodal accuracy, % of Full-Finetune")
     width = 0.4
     shared = [_stat(text_retention(report, runs[n], "text_shared")) for n in names]
-    non_shared = [_stat(text_retention(report, runs[n], "text_non_shared")) if n != FULL else (0.0, 0.0) for n in names]
     right.bar([p - width / 2 for p in positions], [m for m, _ in shared], width, yerr=[s for _, s in shared],
               capsize=3, label="shared base", color="#dd8452")
-    right.bar([p + width / 2 for p in positions], [m for m, _ in non_shared], width,
+    with_base = [p for p, n in zip(positions, names) if n != FULL]
+    non_shared = [_stat(text_retention(report, runs[names[p]], "text_non_shared")) for p in with_base]
+    right.bar([p + width / 2 for p in with_base], [m for m, _ in non_shared], width,
               yerr=[s for _, s in non_shared], capsize=3, label="non-shared base", color="#55a868")
+    if FULL in names:
+        right.text(names.index(FULL) + width / 2, 45, "no\nuntouched\nbase", ha="center", fontsize=7)
     right.set_title("Text accuracy, % of the base LLM")
     for axis in (left, right):
         axis.set_xticks(list(positions), names, rotation=25, ha="right")
         axis.set_ylim(0, 110)
-        axis.legend(loc="lower left", fontsize=8)
+        axis.legend(loc="lower right", fontsize=8, framealpha=0.95)
     figure.suptitle(f"GenieBlue in miniature ({len(report['settings']['seeds'])} seeds, mean ± sd)")
     figure.savefig(path, dpi=110)
     plt.close(figure)
