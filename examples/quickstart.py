@@ -1,52 +1,71 @@
-"""Quick start: compose a tiny GenieBlue, ask it about an image and about text, and check the text path.
+"""Quick start: ask the packaged demo GenieBlue about an image it has never seen, and about text.
 
-Everything is built locally (no download): a byte-level BPE tokenizer trained on a few sentences, a small Qwen2-style
-base LLM and a small SigLIP tower, composed with ``GenieBlueForConditionalGeneration.from_base``. The multimodal
-path is then given weights of its own (a stand-in for training), so the two paths really differ. The weights are
-random, so the words are too: what the demo shows is the routing and the text path's bit-identity with the base.
+The demo model (``genieblue_hf.demo``, ~2 MB) is the GenieBlue-Skip model trained by ``genieblue bench paper``: a
+tiny base LLM that knows made-up facts, single-digit sums and questions about scenes described in words, plus a
+multimodal path trained to answer those questions about images of coloured shapes. Nothing is downloaded.
+
+The image request runs the multimodal path (replicated blocks + LoRA); the text requests run the base LLM, and the
+demo checks, bit for bit, that they answer exactly as a separate instance of the base does.
 """
 
 import logging
+import random
 
 import torch
 
-from genieblue_hf.synthetic import compose_tiny, shape_image
+from genieblue_hf.demo import load_demo_model
+from genieblue_hf.miniature import tasks
 
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("quickstart")
 
 
+def ask(model, processor, question, image=None):
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.insert(0, {"type": "image"})
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=False)
+    inputs = processor(text=prompt, images=None if image is None else [image])
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    return inputs, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+
+
 def main():
-    model, processor = compose_tiny(seed=0)
-    model.eval()
-    with torch.no_grad():  # stand-in for stage-2 training: LoRA and the replicated blocks get weights of their own
-        for name, param in model.named_parameters():
-            if name.startswith("replicated_layers.") or name.endswith("lora_B"):
-                param.add_(torch.randn_like(param) * 0.05)
+    model, processor = load_demo_model()
     config = model.config
-    log.info("replicated blocks %s; LoRA rank %d on blocks %s", config.replicated_layers, config.lora_rank,
-             config.lora_layers)
+    log.info("demo GenieBlue: replicated blocks %s, LoRA rank %d on blocks %s", config.replicated_layers,
+             config.lora_rank, config.lora_layers)
 
-    def ask(content, images=None):
-        messages = [{"role": "user", "content": content}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=prompt, images=images)
-        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        return inputs, output[:, inputs["input_ids"].shape[1]:]
-
-    image = shape_image("red", "circle", size=32)
-    _, answer = ask([{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}], images=[image])
-    log.info("image request     -> %r (multimodal path)", processor.batch_decode(answer, skip_special_tokens=True)[0])
-
-    inputs, answer = ask([{"type": "text", "text": "describe the image"}])
-    log.info("text-only request -> %r (base LLM)", processor.batch_decode(answer, skip_special_tokens=True)[0])
+    rng = random.Random(7)
+    scene = [("red", "circle", "top left"), ("blue", "triangle", "bottom right"), ("yellow", "square", "top right")]
+    image = tasks.render_scene(scene, seed=7)
+    log.info("a generated 32x32 image showing: %s", tasks.describe_scene(scene)[len("scene: "):])
+    right = 0
+    questions = [tasks.scene_question(scene, kind, rng) for kind in tasks.QUESTION_KINDS]
+    for question, expected in questions:
+        answer = ask(model, processor, question, image)[2]
+        right += answer == expected
+        log.info("image + %-30r -> %-14r (expected %r; multimodal path)", question, answer, expected)
+    log.info("image questions answered correctly: %d of %d", right, len(questions))
 
     # the base LLM as its own, separate instance of its class, holding the same weights
     base = type(model.language_model)(model.language_model.config)
     base.load_state_dict(model.language_model.state_dict())
-    base_output = base.eval().generate(**inputs, max_new_tokens=8, do_sample=False)
-    identical = torch.equal(answer, base_output[:, inputs["input_ids"].shape[1]:])
+    base.eval()
+    identical = True
+    text_questions = [("what is 3 plus 4?", "7"), ("where does zubo live?", tasks.facts()["zubo"]),
+                      (tasks.describe_scene(scene) + " where is the blue shape?", "bottom right"),
+                      (tasks.describe_scene(scene) + " what colour is the circle?", "red")]
+    for question, expected in text_questions:
+        inputs, new_tokens, answer = ask(model, processor, question)
+        base_tokens = base.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        same = torch.equal(new_tokens, base_tokens)
+        identical &= same
+        log.info("text  %-32r -> %-14r (expected %r; base LLM, same tokens as the separate base: %s)",
+                 question[-32:], answer, expected, same)
     log.info("text path equals the base LLM, bit for bit: %s", identical)
     if not identical:
         raise SystemExit("text path differs from the base LLM")

@@ -251,3 +251,4 @@ def test_fsdp_sharding_a_base_block_on_its_own_is_refused_clearly(tmp_path):
 def test_readme_demo_runs():
     completed = run_example(sys.executable, "quickstart.py")
     assert "text path equals the base LLM, bit for bit: True" in completed.stderr
+    assert "image questions answered correctly:" in completed.stderr  # the packaged demo model (genieblue_hf.demo)

@@ -1,0 +1,195 @@
+"""The paper in miniature: the pipeline end to end (short settings), its parts, and the packaged demo model."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import SiglipVisionModel
+
+from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
+from genieblue_hf.cli import main as cli_main
+from genieblue_hf.demo import DEMO_MODEL_DIR, load_demo_model
+from genieblue_hf.miniature import Settings, render, reproduce, tasks
+from genieblue_hf.miniature.loop import batches_of, exact_match
+from genieblue_hf.miniature.variants import VARIANTS_BY_NAME, VisualExpertLinear, image_token_mask, make_visual_experts
+from genieblue_hf.training import ConversationCollator
+
+from conftest import base_twin, tiny_base, tiny_vision_config
+
+
+QUICK_RUNS = (("Full-Finetune", True), ("LoRA", True), ("CogVLM-Skip", True), ("GenieBlue-Skip", True),
+              ("Full-Finetune", False))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("miniature")
+    settings = Settings.quick()
+    settings.runs = QUICK_RUNS
+    report = reproduce(root / "out", settings, demo_model_dir=root / "demo")
+    return root, report
+
+
+def test_pipeline_writes_tables_plot_and_results(quick_run):
+    root, report = quick_run
+    out = root / "out"
+    assert json.loads((out / "results.json").read_text()) == report
+    assert (out / "retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tables = (out / "tables.md").read_text()
+    for heading in ("paper Tables 4 and 5", "paper Table 6", "paper Table 3"):
+        assert heading in tables
+    runs = {(r["variant"], r["text_data"]) for r in report["results"]}
+    assert runs == set(QUICK_RUNS)
+    for variant in ("LoRA", "CogVLM-Skip", "GenieBlue-Skip"):
+        assert f"| {variant} | ✗ |" in tables  # its non-shared (base) row in Table 6
+    assert "| Full-Finetune | ✗ |" not in tables.split("paper Table 3")[0]  # no untouched base after full FT
+    (root / "again").mkdir()
+    render(out / "results.json", root / "again")  # `bench paper --from-results`: the same tables, no training
+    assert (root / "again" / "tables.md").read_text() == tables
+    counts = {r["variant"]: r["trainable_parameters"] for r in report["results"]}
+    assert counts["Full-Finetune"] > counts["GenieBlue-Skip"] > counts["CogVLM-Skip"] > counts["LoRA"]
+
+
+def test_non_shared_text_score_equals_the_base_exactly(quick_run):
+    _, report = quick_run
+    for result in report["results"]:
+        if result["variant"] == "Full-Finetune":
+            assert result["text_non_shared"] is None and result["non_shared_equals_base"] is None
+            continue
+        assert result["non_shared_equals_base"] is True, result["variant"]
+        assert result["text_non_shared"] == report["base_text"]
+
+
+def test_saved_demo_model_text_path_is_its_base_bit_for_bit(quick_run):
+    root, _ = quick_run
+    model = GenieBlueForConditionalGeneration.from_pretrained(root / "demo").eval()
+    processor = GenieBlueProcessor.from_pretrained(root / "demo")
+    assert not list((root / "demo").glob("*.py"))
+    batch = ConversationCollator(processor)(tasks.text_eval_samples()["facts"][:8])
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base_twin(model)(**inputs).logits)
+
+
+def test_reproduce_refuses_existing_output_before_training(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        reproduce(tmp_path / "out", Settings.quick())
+    assert cli_main(["bench", "paper", "--quick", "--out", str(tmp_path / "out")]) == 1
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_settings_name_bad_values():
+    with pytest.raises(ValueError, match="unknown variant 'BLIP'"):
+        Settings(runs=(("BLIP", True),)).check()
+    with pytest.raises(ValueError, match="stage2_steps"):
+        Settings(stage2_steps=0).check()
+
+
+# -- parts --------------------------------------------------------------------------------------------------------
+def test_scenes_and_questions_agree():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = tasks.random_scene(rng)
+        assert 1 <= len(scene) <= 3 and len({q for _, _, q in scene}) == len(scene)
+        for kind in tasks.QUESTION_KINDS:
+            qa = tasks.scene_question(scene, kind, rng)
+            if qa is None:
+                assert kind == "colour"  # every shape in the scene appears twice or more
+                continue
+            question, answer = qa
+            if kind == "colour":
+                shape = question.split()[-1].rstrip("?")
+                assert [(c, s) for c, s, _ in scene if s == shape] == [(answer, shape)]
+            if kind == "count_plus":
+                assert int(answer) == len(scene) + int(question.split()[-1].rstrip("?"))
+    scene = [("red", "square", "top left")]
+    image = tasks.render_scene(scene, seed=3)
+    assert image.getpixel((2, 30)) == (255, 255, 255)  # the bottom-left quadrant is empty
+    assert tasks.COLOURS["red"] in {image.getpixel((x, y)) for x in range(16) for y in range(16)}
+    assert image.tobytes() == tasks.render_scene(scene, seed=3).tobytes()
+
+
+def _tiny_variant(name):
+    base, vision = tiny_base(), SiglipVisionModel(tiny_vision_config())
+    model = GenieBlueForConditionalGeneration.from_base(base, vision)
+    return VARIANTS_BY_NAME[name].build(base, vision, model.multi_modal_projector.state_dict(), lora_rank=4)
+
+
+def test_visual_expert_uses_the_expert_on_image_tokens_only():
+    model = _tiny_variant("CogVLM-Skip")
+    expert_linears = [m for m in model.replicated_layers.modules() if isinstance(m, VisualExpertLinear)]
+    assert len(expert_linears) == 2 * 7  # blocks 3 and 7, seven projections each
+    layer = expert_linears[0]
+    with torch.no_grad():
+        layer.expert.weight.add_(1.0)  # make the expert differ from the base linear
+        x = torch.randn(2, 5, layer.expert.in_features)
+        mask = torch.tensor([[True, False, False, True, False], [False] * 5])
+        with image_token_mask(mask):
+            out = layer(x)
+    assert torch.equal(out[mask], layer.expert(x)[mask])
+    assert torch.equal(out[~mask], layer.original(x)[~mask])
+    with pytest.raises(RuntimeError, match="without the image-token mask"):
+        layer(x)
+    # norms are the base's, and nothing of the base trains
+    assert not any("norm" in name for name, _ in model.replicated_layers.named_parameters())
+    assert model.trainable_parameters()["language_model"] == 0
+
+
+def test_variant_parameter_counts_follow_the_paper():
+    """CogVLM-Skip = GenieBlue-Skip minus the replicated blocks' norms; LoRA-only has no replicated block."""
+    skip, cogvlm, lora = (_tiny_variant(n).trainable_parameters() for n in ("GenieBlue-Skip", "CogVLM-Skip", "LoRA"))
+    hidden = tiny_base().config.hidden_size
+    assert skip["replicated_layers"] - cogvlm["replicated_layers"] == 2 * 2 * hidden
+    assert lora["replicated_layers"] == 0 and lora["lora"] > skip["lora"]
+    full = _tiny_variant("Full-Finetune").trainable_parameters()
+    assert full["language_model"] == sum(p.numel() for p in tiny_base().parameters())
+
+
+def test_make_visual_experts_with_an_all_text_mask_is_the_base_block():
+    model = _tiny_variant("GenieBlue-Skip")
+    make_visual_experts(model)
+    ids = torch.randint(3, 90, (2, 9))
+    with torch.no_grad(), image_token_mask(torch.zeros_like(ids, dtype=torch.bool)):
+        with_experts = model(input_ids=ids, route="multimodal").logits
+    # with LoRA B = 0 and every token a text token, the multimodal path is the base itself
+    with torch.no_grad():
+        assert torch.allclose(with_experts, base_twin(model)(input_ids=ids).logits, atol=1e-6)
+
+
+# -- the packaged demo model ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo_model()
+
+
+def test_demo_model_is_small_and_answers_image_questions(demo):
+    model, processor = demo
+    size = sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir())
+    assert size < 4_000_000
+    samples = tasks.multimodal_samples(100, seed=4242)
+    collator = ConversationCollator(processor)
+    stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    correct = exact_match(model, batches_of(collator, samples, 50), stop)
+    kinds = {kind: correct[[s["kind"] == kind for s in samples]].float().mean().item() for kind in tasks.QUESTION_KINDS}
+    assert kinds["count"] == 1.0 and kinds["count_plus"] >= 0.9, kinds
+    assert correct.float().mean() >= 0.5, kinds
+
+
+def test_exact_match_is_greedy_generation(demo):
+    """The benchmark's one-forward score equals comparing ``generate``'s greedy answer with the reference."""
+    model, processor = demo
+    samples = tasks.multimodal_samples(15, seed=77) + tasks.text_eval_samples()["reading"][:10]
+    collator = ConversationCollator(processor)
+    stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    scored = exact_match(model, [collator(samples)], stop).tolist()
+    generated = []
+    for sample in samples:
+        prompt = processor.apply_chat_template(sample["messages"][:1], add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=prompt, images=sample["images"] or None)
+        output = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        generated.append(processor.decode(output, skip_special_tokens=False).split("<|im_end|>")[0] == sample["answer"]
+                         and stop in output.tolist())
+    assert scored == generated
+
