@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import SiglipVisionModel
 
 from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
@@ -66,6 +67,9 @@ def test_saved_demo_model_text_path_is_its_base_bit_for_bit(quick_run):
     model = GenieBlueForConditionalGeneration.from_pretrained(root / "demo").eval()
     processor = GenieBlueProcessor.from_pretrained(root / "demo")
     assert not list((root / "demo").glob("*.py"))
+    with safe_open(root / "demo" / "model.safetensors", "pt") as handle:  # the layout transformers 5.0 reads too
+        vision_keys = [k for k in handle.keys() if k.startswith("vision_tower.")]
+    assert vision_keys and all(k.startswith("vision_tower.vision_model.") for k in vision_keys)
     batch = ConversationCollator(processor)(tasks.text_eval_samples()["facts"][:8])
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     with torch.no_grad():
