@@ -12,6 +12,7 @@ from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
 from genieblue_hf.cli import main as cli_main
 from genieblue_hf.demo import DEMO_MODEL_DIR, load_demo_model
 from genieblue_hf.miniature import Settings, render, reproduce, tasks
+from genieblue_hf.miniature import report as report_module
 from genieblue_hf.miniature.loop import batches_of, exact_match
 from genieblue_hf.miniature.variants import VARIANTS_BY_NAME, VisualExpertLinear, image_token_mask, make_visual_experts
 from genieblue_hf.training import ConversationCollator
@@ -197,3 +198,17 @@ def test_exact_match_is_greedy_generation(demo):
                          and stop in output.tolist())
     assert scored == generated
 
+
+
+def test_tables_and_plot_survive_a_reference_that_scored_zero(quick_run, tmp_path):
+    """Retention against a Full-Finetune that answered nothing is undefined: shown as '-', not a crash."""
+    _, report = quick_run
+    broken = json.loads(json.dumps(report))
+    for result in broken["results"]:
+        if result["variant"] == "Full-Finetune":
+            result["multimodal"] = dict.fromkeys(result["multimodal"], 0.0)
+    tables = report_module.markdown(broken)
+    lora_row = next(line for line in tables.splitlines() if line.startswith("| LoRA |"))
+    assert lora_row.endswith("| - |")
+    report_module.plot(broken, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0

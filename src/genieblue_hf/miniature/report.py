@@ -18,6 +18,9 @@ def _avg(scores):
 
 
 def _stat(values, percent=True):
+    """``(mean, spread)``; ``(nan, 0)`` when no seed has the number (e.g. a reference that scored 0: no retention)."""
+    if not values:
+        return float("nan"), 0.0
     scale = 100 if percent else 1
     values = [v * scale for v in values]
     mean = statistics.fmean(values)
