@@ -22,6 +22,11 @@ def batches_of(collator, samples, batch_size):
     return [collator(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
+def _call(model, inputs, kwargs):
+    """The default ``forward`` of ``train`` and ``exact_match``: the model called as it is."""
+    return model(**inputs, **kwargs)
+
+
 def _model_inputs(batch):
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
@@ -38,7 +43,7 @@ def train(model, schedule, learning_rate, desc, forward=None, warmup_fraction=0.
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     steps = len(schedule)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(steps * warmup_fraction)), steps)
-    forward = forward or (lambda m, inputs, kwargs: m(**inputs, **kwargs))
+    forward = forward or _call
     model.train()
     tail = []
     for step, (batch, kwargs) in enumerate(tqdm(schedule, desc=desc, leave=False)):
@@ -64,7 +69,7 @@ def exact_match(model, batches, stop_token_id, forward=None, **kwargs):
     every one of those tokens is the argmax given the reference prefix, so the two are the same test; this one
     needs no ``generate`` loop. Returns a bool tensor, one entry per sample.
     """
-    forward = forward or (lambda m, inputs, kw: m(**inputs, **kw))
+    forward = forward or _call
     model.eval()
     results = []
     for batch in batches:

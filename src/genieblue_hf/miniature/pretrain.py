@@ -2,8 +2,10 @@
 has learnt to see the scenes (the stand-ins for Qwen2.5/BlueLM and a pretrained SigLIP)."""
 
 import logging
+import random
 
 import torch
+from huggingface_hub.utils import tqdm
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
@@ -78,15 +80,11 @@ class _QuadrantProbe(nn.Module):
 
 def pretrain_vision(tower, image_processor, steps, batch_size, learning_rate, seed=0):
     """Train the tower to tell each quadrant's colour and shape (or emptiness), as SigLIP arrives pretrained."""
-    import random
-
     rng = random.Random(seed)
     colours, shapes = ["none", *sorted(tasks.COLOURS)], ["none", *tasks.SHAPES]
     probe = _QuadrantProbe(tower)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=learning_rate)
     loss_fn = nn.CrossEntropyLoss()
-    from huggingface_hub.utils import tqdm
-
     probe.train()
     for _ in tqdm(range(steps), desc="vision tower on the scenes", leave=False):
         scenes = [tasks.random_scene(rng) for _ in range(batch_size)]
