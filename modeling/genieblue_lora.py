@@ -37,6 +37,14 @@ def lora_execution_mode(mode):
         _MODE_OVERRIDE.reset(token)
 
 
+def dense_tensor(tensor):
+    """A plain tensor: a weight-only quantized tensor subclass (torchao) is dequantized, any other tensor is returned
+    as is. (``Tensor.dequantize()`` is not the identity on a plain bf16/fp16 tensor: it returns float32.)"""
+    if hasattr(tensor, "__tensor_flatten__"):
+        return tensor.dequantize()
+    return tensor
+
+
 class LoraAdapter(nn.Module):
     """The trainable low-rank pair of one base linear: ``delta_W = scaling * lora_B @ lora_A``."""
 
@@ -101,9 +109,8 @@ class LoraLinear(nn.Module):
         with self._lock:
             if self._merged_key != key:
                 with torch.no_grad():
-                    # dequantize() is the identity for plain tensors and unpacks weight-only quantized ones
-                    delta = (lora_b.dequantize().float() @ lora_a.dequantize().float()) * self.scaling
-                    dense = weight.dequantize()
+                    delta = (dense_tensor(lora_b).float() @ dense_tensor(lora_a).float()) * self.scaling
+                    dense = dense_tensor(weight)
                     self._merged = (dense.float() + delta.to(dense.device)).to(dense.dtype)
                 self._merged_key = key
             return self._merged

@@ -5,7 +5,23 @@ this package registers them with the transformers Auto classes, so ``AutoModelFo
 on a GenieBlue folder works without ``trust_remote_code`` when the package is installed.
 """
 
-from transformers import (
+import logging
+
+
+class _OptionalKernelNoise(logging.Filter):
+    """Drop two import-time warnings torchao emits on every CPU-only machine (transformers imports torchao whenever
+    it is installed): one per GPU kernel library it cannot load, and torch's deprecation note on its pytree enums.
+    Nothing else from these loggers is touched."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not (message.startswith("Failed to load") or "register_constant()" in message)
+
+
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).addFilter(_OptionalKernelNoise())
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -14,11 +30,11 @@ from transformers import (
     AutoProcessor,
 )
 
-from .modeling.configuration_genieblue import GenieBlueConfig
-from .modeling.genieblue_lora import lora_execution_mode
-from .modeling.image_processing_genieblue import GenieBlueImageProcessor
-from .modeling.modeling_genieblue import GenieBlueForConditionalGeneration
-from .modeling.processing_genieblue import GenieBlueProcessor
+from .modeling.configuration_genieblue import GenieBlueConfig  # noqa: E402
+from .modeling.genieblue_lora import lora_execution_mode  # noqa: E402
+from .modeling.image_processing_genieblue import GenieBlueImageProcessor  # noqa: E402
+from .modeling.modeling_genieblue import GenieBlueForConditionalGeneration  # noqa: E402
+from .modeling.processing_genieblue import GenieBlueProcessor  # noqa: E402
 
 
 AutoConfig.register(GenieBlueConfig.model_type, GenieBlueConfig, exist_ok=True)

@@ -1,40 +1,67 @@
-"""Mixed-precision deployment as in the paper: the LLM (base and replicated blocks) at 4-bit weights, the vision
-tower, projector and LoRA at 8-bit weights, activations in 16 bit (W4A16 / W8A16).
+"""Mixed precision as in the paper: the LLM (base and replicated blocks) at 4-bit weights, the vision tower,
+projector and LoRA at 8-bit weights, activations in 16 bit (W4A16 / W8A16).
 
-Library: optimum-quanto. It stores 4-bit weights packed two per byte with group-wise scales and has CPU kernels for
-them; torchao 0.18's packed int4 layouts need CUDA (or the separate mslk package) and its CPU fallback keeps 4-bit
-values in 8-bit storage, which would not show the paper's memory saving here. bitsandbytes targets GPUs.
+Library: torchao (``pip install 'genieblue-hf[quantization]'``), the quantization backend of transformers and
+ExecuTorch. Every weight becomes a torchao ``IntxUnpackedToInt8Tensor`` (``IntxWeightOnlyConfig``, symmetric):
+int4 group-wise (``group_size`` columns share a scale) or int8 per output channel. Its matmul dequantizes and calls
+``F.linear``, so it runs on any CPU and GPU with no special kernel. Storage in memory keeps each 4-bit value in a
+byte (the "unpacked to int8" layout); ExecuTorch's XNNPACK lowering packs them two per byte in the ``.pte``
+(``genieblue export-executorch``), which is where the paper's storage figure applies.
 
-The base is quantized in place and deterministically, so the text path stays *the base, quantized the same way*:
+Why not optimum-quanto (the backend before): it has been in maintenance mode since Nov 2025, and its int8 CPU path
+reaches ``torch._weight_int8pack_mm``, which crashes on some x86 CPUs when ``in_features % 32 != 0``.
+
+The base is quantized deterministically, so the text path stays *the base, quantized the same way*:
 ``quantize_language_model`` applied to a separate instance of the base class gives bit-identical logits (tested).
-LoRA matrices are plain parameters, not ``nn.Linear``; they are quantized through a temporary linear so that quanto
-does the work. Quantized models are for inference: prefer the ``unmerged`` LoRA mode (merged mode would materialise
-dense merged weights for the LoRA blocks).
+LoRA matrices are plain parameters, not ``nn.Linear``; they are quantized through a temporary linear so torchao does
+the work. Quantized models are for inference; both LoRA modes work (merged mode dequantizes into its own tensors).
 """
 
+import torch
 from torch import nn
 
 
-def _qtype(bits):
-    from optimum.quanto import qint4, qint8
+DEFAULT_GROUP_SIZE = 32
 
+
+def _torchao():
     try:
-        return {4: qint4, 8: qint8}[bits]
-    except KeyError:
-        raise ValueError(f"weight bits must be 4 or 8, got {bits!r}") from None
+        from torchao.quantization import IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+    except ImportError:
+        raise ImportError(
+            "quantization needs torchao: pip install 'genieblue-hf[quantization]' (or pip install torchao)"
+        ) from None
+    return IntxWeightOnlyConfig, quantize_, PerAxis, PerGroup
 
 
-def _quantize_modules(module, bits, exclude=None, group_size=None):
-    from optimum.quanto import freeze, quantize
+def _quantize_linears(module, bits, group_size=DEFAULT_GROUP_SIZE, exclude=()):
+    """Quantize every ``nn.Linear`` of ``module`` (but those named in ``exclude``) in place, weight-only."""
+    if bits not in (4, 8):
+        raise ValueError(f"weight bits must be 4 or 8, got {bits!r}")
+    IntxWeightOnlyConfig, quantize_, PerAxis, PerGroup = _torchao()
+    dtype = {4: torch.int4, 8: torch.int8}[bits]
 
-    quantize(module, weights=_qtype(bits), exclude=exclude)
-    freeze(module)
+    def selected(linear, name):
+        return isinstance(linear, nn.Linear) and name.rsplit(".", 1)[-1] not in exclude
+
+    grouped = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(group_size))
+    per_channel = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0))
+    # 4 bits are group-wise; a linear whose width the group does not divide (and every 8-bit one) is per channel.
+    if bits == 4:
+        quantize_(module, grouped, filter_fn=lambda m, n: selected(m, n) and m.in_features % group_size == 0)
+    quantize_(module, per_channel, filter_fn=lambda m, n: selected(m, n) and not is_quantized(m.weight))
     return module
 
 
-def quantize_language_model(language_model, bits=4):
+def is_quantized(tensor):
+    """A torchao (or other tensor-subclass) quantized weight."""
+    return hasattr(tensor, "__tensor_flatten__")
+
+
+def quantize_language_model(language_model, bits=4, group_size=DEFAULT_GROUP_SIZE):
     """The paper's LLM precision for a causal LM (GenieBlue's base or any twin): weight-only, ``lm_head`` kept."""
-    return _quantize_modules(language_model, bits, exclude=["lm_head"])
+    return _quantize_linears(language_model, bits, group_size, exclude=("lm_head",))
 
 
 def _quantize_lora(model, bits):
@@ -42,27 +69,27 @@ def _quantize_lora(model, bits):
         for adapter in tree.adapters().values():
             for name in ("lora_A", "lora_B"):
                 weight = getattr(adapter, name)
-                holder = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
-                holder[0].weight = weight
-                _quantize_modules(holder, bits)
-                setattr(adapter, name, nn.Parameter(holder[0].weight.detach(), requires_grad=False))
+                holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+                holder.weight = weight
+                _quantize_linears(nn.Sequential(holder), bits)
+                setattr(adapter, name, nn.Parameter(holder.weight.detach(), requires_grad=False))
 
 
-def quantize_like_paper(model, llm_bits=4, extras_bits=8):
+def quantize_like_paper(model, llm_bits=4, extras_bits=8, group_size=DEFAULT_GROUP_SIZE):
     """Quantize a ``GenieBlueForConditionalGeneration`` in place: LLM at ``llm_bits``, the rest at ``extras_bits``."""
-    quantize_language_model(model.language_model, llm_bits)
-    _quantize_modules(model.replicated_layers, llm_bits)
-    _quantize_modules(model.vision_tower, extras_bits)
-    _quantize_modules(model.multi_modal_projector, extras_bits)
+    _torchao()  # a clear error before anything is changed
+    quantize_language_model(model.language_model, llm_bits, group_size)
+    _quantize_linears(model.replicated_layers, llm_bits, group_size)
+    _quantize_linears(model.vision_tower, extras_bits, group_size)
+    _quantize_linears(model.multi_modal_projector, extras_bits, group_size)
     _quantize_lora(model, extras_bits)
-    model.drop_multimodal_view()
     return model.eval()
 
 
 def tensor_bytes(tensor):
-    """Bytes a tensor really stores: a quantized tensor subclass counts its packed data and scales, not the dense
-    size it reports through ``nbytes``."""
-    if hasattr(tensor, "__tensor_flatten__"):
+    """Bytes a tensor really stores: a quantized tensor subclass counts its data and scales, not the dense size it
+    reports through ``nbytes``."""
+    if is_quantized(tensor):
         names, _ = tensor.__tensor_flatten__()
         return sum(tensor_bytes(getattr(tensor, name)) for name in names)
     return tensor.nbytes
@@ -73,4 +100,4 @@ def storage_bytes(module):
     return sum(tensor_bytes(t) for t in module.state_dict().values() if hasattr(t, "nbytes"))
 
 
-__all__ = ["quantize_like_paper", "quantize_language_model", "storage_bytes"]
+__all__ = ["quantize_like_paper", "quantize_language_model", "storage_bytes", "tensor_bytes", "is_quantized"]
