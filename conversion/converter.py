@@ -25,7 +25,8 @@ from ..modeling.configuration_genieblue import GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from .atomic import atomic_output_dir, refuse_existing
 from .keymap import (
-    DEFAULT_RULES, IGNORED_TRAINING_STATE, PARTS, PEFT_RULES, TRAINED_PARTS, parse_key_map, part_of, tied_keys,
+    DEFAULT_RULES, IGNORED_TRAINING_STATE, PARTS, PEFT_RULES, TRAINED_PARTS, parse_key_map, part_of, portable_rules,
+    tied_keys,
 )
 from .sources import (
     _SAFETENSORS_DTYPES, ConversionError, DistributedCheckpointSource, MappedSource, MergedSource, SafetensorsSource,
@@ -37,10 +38,9 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("trainer", "torch", "peft", "dcp")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-REMOTE_CODE_FILES = (
-    "configuration_genieblue.py", "modeling_genieblue.py", "genieblue_lora.py", "genieblue_view.py",
-    "genieblue_routing.py", "processing_genieblue.py", "image_processing_genieblue.py",
-)
+# The Hub remote-code files: every ``*genieblue*.py`` of the modeling package (they import each other relatively).
+REMOTE_CODE_DIR = Path(__file__).resolve().parents[1] / "modeling"
+REMOTE_CODE_FILES = tuple(sorted(path.name for path in REMOTE_CODE_DIR.glob("*genieblue*.py")))
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
@@ -74,11 +74,12 @@ def load_config(path):
 
 
 def expected_tensors(config):
-    """``{key: shape}`` a GenieBlue model of ``config`` saves (tied output embeddings left out)."""
+    """``{key: shape}`` a GenieBlue model of ``config`` saves, in the portable key layout (tied output embeddings
+    left out)."""
     with torch.device("meta"):
         model = GenieBlueForConditionalGeneration(config)
     tied = tied_keys(config)
-    return {key: tuple(t.shape) for key, t in model.state_dict().items() if key not in tied}
+    return {model.portable_key(key): tuple(t.shape) for key, t in model.state_dict().items() if key not in tied}
 
 
 def _peft_source(src, config, rest):
@@ -116,7 +117,7 @@ def open_source(src, fmt, config, rest=None, key_map=()):
     else:
         raise ConversionError(f"--format must be one of {FORMATS}, got {fmt!r}")
     ignore = IGNORED_TRAINING_STATE if fmt == "dcp" else ()
-    return MappedSource(raw, DEFAULT_RULES + parse_key_map(key_map), ignore=ignore)
+    return MappedSource(raw, DEFAULT_RULES + parse_key_map(key_map) + portable_rules(config), ignore=ignore)
 
 
 def _group_by_part(keys):
@@ -276,9 +277,8 @@ def write_side_files(staging, config, processor_sources=()):
     """Config, generation config and remote code; tokenizer/processor files from the first source that has them."""
     config.save_pretrained(staging)
     GenerationConfig.from_model_config(config).save_pretrained(staging)
-    code_dir = Path(__file__).resolve().parents[1] / "modeling"
     for name in REMOTE_CODE_FILES:
-        shutil.copy(code_dir / name, staging / name)
+        shutil.copy(REMOTE_CODE_DIR / name, staging / name)
     return any(copy_processor_files(folder, staging) for folder in processor_sources)
 
 

@@ -16,7 +16,8 @@ from .atomic import atomic_output_dir, refuse_existing
 from .converter import copy_processor_files
 from ..modeling.configuration_genieblue import DENSE, GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
-from ..modeling.genieblue_view import find_decoder_layers
+from ..modeling.genieblue_dispatch import find_decoder_layers, strip_dispatch
+from ..modeling.genieblue_lora import merge_into
 
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 def dense_language_model(model):
     """A copy of ``model.language_model`` that computes the multimodal path's language part on its own."""
     dense = copy.deepcopy(model.language_model)
+    strip_dispatch(dense)  # a plain model: the copy must not route like GenieBlue's base
     _, layers = find_decoder_layers(dense, model.config.text_config.num_hidden_layers)
     for index, replica in model.replicated_layers.items():
         layers[int(index)].load_state_dict(replica.state_dict())
@@ -33,8 +35,7 @@ def dense_language_model(model):
     for index, tree in model.lora.items():
         for path, adapter in tree.adapters().items():
             linear = layers[int(index)].get_submodule(path)
-            delta = (adapter.lora_B.float() @ adapter.lora_A.float()) * scaling
-            linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
+            linear.weight.copy_(merge_into(linear.weight, adapter, scaling))
     return dense
 
 
@@ -48,7 +49,6 @@ def dense_model(model):
     dense.multi_modal_projector = copy.deepcopy(model.multi_modal_projector)
     dense.config.text_config = dense.language_model.config
     dense.config.vision_config = dense.vision_tower.config
-    dense.drop_multimodal_view()
     return dense.train(model.training)
 
 

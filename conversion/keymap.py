@@ -50,6 +50,15 @@ PEFT_RULES = [
 IGNORED_TRAINING_STATE = [r"^(optim|optimizer|scheduler|lr_scheduler|rng_state|step|epoch)(\.|$)"]
 
 
+def portable_rules(config):
+    """The last rule of every conversion: keys in the layout GenieBlue checkpoints store (``portable_key``)."""
+    from ..modeling.modeling_genieblue import _WRAPPED_VISION_TYPES
+
+    if getattr(config.vision_config, "model_type", None) in _WRAPPED_VISION_TYPES:
+        return [(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.")]
+    return []
+
+
 def parse_key_map(items):
     """``["REGEX=REPLACEMENT", ...]`` from the command line into rules."""
     rules = []

@@ -85,14 +85,20 @@ class GenieBlueConfig(PreTrainedConfig):
         replication_interval: one block in every ``replication_interval`` is replicated (default 4: a quarter).
         lora_rank, lora_alpha, lora_dropout, use_rslora: LoRA on every non-replicated block. The scale is
             ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA, as in PEFT.
-        lora_target_modules: names (last path component) of the linear layers inside a block that get LoRA.
+        lora_target_modules: names (last path component) of the linear layers inside a block that get LoRA, or
+            ``"all-linear"`` (every linear of the block, for decoders with other projection names, e.g. Falcon). A
+            block where no target matches (a Mamba block of a hybrid model) gets no LoRA; at least one must match.
         lora_execution_mode: ``"unmerged"`` (additive branch, least memory) or ``"merged"`` (``W + s·B·A`` computed
             into separate cached tensors on first multimodal use; the base tensors are never written).
         image_token_id: placeholder id for image features. Defaults to ``text_config.vocab_size``: an id outside the
             base vocabulary, so the base embeddings are never resized and the base can never emit it.
         projector_hidden_act: activation of the 2-layer MLP projector.
+        projector_layernorm: a LayerNorm over the merged vision features before the MLP (InternVL's projector, which
+            the paper's Table 5 parameter counts imply). Checkpoints written before this field existed have none:
+            a saved config without the field loads with ``False``.
         downsample_ratio: side of the token-merging window before the projector (2 merges 2x2 patches into one token;
-            1 disables it).
+            1 disables it). A patch grid the ratio does not divide is zero-padded at the bottom and right first
+            (DeepSeek-VL2's rule for the same tower: 27x27 patches at 384 px become 28x28, then 14x14 = 196 tokens).
         vision_feature_layer: which vision hidden state feeds the projector (-1: the last).
     """
 
@@ -113,12 +119,14 @@ class GenieBlueConfig(PreTrainedConfig):
         lora_execution_mode="unmerged",
         image_token_id=None,
         projector_hidden_act="gelu",
+        projector_layernorm=True,
         downsample_ratio=2,
         vision_feature_layer=-1,
         **kwargs,
     ):
         self.text_config = _build_sub_config(text_config, "text_config", "qwen2")
         self.vision_config = _build_sub_config(vision_config, "vision_config", "siglip_vision_model")
+        _check_fixed_resolution(self.vision_config)
         _check_required_fields(self.text_config, "text_config", _REQUIRED_TEXT_FIELDS)
         _check_required_fields(self.vision_config, "vision_config", _REQUIRED_VISION_FIELDS)
         self.replication_strategy = (
@@ -128,11 +136,14 @@ class GenieBlueConfig(PreTrainedConfig):
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
-        self.lora_target_modules = list(lora_target_modules)
+        self.lora_target_modules = (
+            lora_target_modules if isinstance(lora_target_modules, str) else list(lora_target_modules)
+        )
         self.use_rslora = use_rslora
         self.lora_execution_mode = lora_execution_mode
         self.image_token_id = self.text_config.vocab_size if image_token_id is None else image_token_id
         self.projector_hidden_act = projector_hidden_act
+        self.projector_layernorm = projector_layernorm
         self.downsample_ratio = downsample_ratio
         self.vision_feature_layer = vision_feature_layer
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
@@ -177,9 +188,33 @@ class GenieBlueConfig(PreTrainedConfig):
         return self.vision_image_size // _as_int(self.vision_config.patch_size)
 
     @property
+    def merged_grid_size(self):
+        """Tokens per side of one tile after token merging (the patch grid zero-padded to a multiple of the ratio)."""
+        return -(-self.vision_grid_size // self.downsample_ratio)
+
+    @property
     def image_tokens_per_tile(self):
         """Image placeholder tokens one tile expands to, after the projector's token merging."""
-        return (self.vision_grid_size // self.downsample_ratio) ** 2
+        return self.merged_grid_size**2
+
+    # -- serialisation --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """A GenieBlue config from a dict. A saved config without ``projector_layernorm`` predates it: its projector
+        has no LayerNorm. Another model's config (e.g. the base LLM's folder) is refused, not read as defaults."""
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise ValueError(
+                f"this is a {model_type!r} config, not a GenieBlue config; compose a GenieBlue model from it with "
+                f"`genieblue compose` or GenieBlueForConditionalGeneration.from_base"
+            )
+        if "projector_layernorm" not in config_dict:
+            config_dict = {**config_dict, "projector_layernorm": False}
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_diff_dict(self):
+        """Always write ``projector_layernorm``: ``from_dict`` reads its absence as a checkpoint from before it."""
+        return {**super().to_diff_dict(), "projector_layernorm": self.projector_layernorm}
 
     # -- validation -----------------------------------------------------------------------------------------------
     def validate_genieblue(self):
@@ -213,8 +248,11 @@ class GenieBlueConfig(PreTrainedConfig):
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not self.lora_target_modules or not all(isinstance(t, str) and t for t in self.lora_target_modules):
-            raise ValueError(f"lora_target_modules must be a non-empty list of names, got {self.lora_target_modules!r}")
+        targets = self.lora_target_modules
+        if targets != "all-linear" and (
+            isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ValueError(f"lora_target_modules must be a non-empty list of names or 'all-linear', got {targets!r}")
         if self.lora_execution_mode not in LORA_EXECUTION_MODES:
             raise ValueError(
                 f"lora_execution_mode must be one of {LORA_EXECUTION_MODES}, got {self.lora_execution_mode!r}"
@@ -223,12 +261,23 @@ class GenieBlueConfig(PreTrainedConfig):
             raise ValueError(f"image_token_id must be a non-negative integer, got {self.image_token_id!r}")
         if not isinstance(self.downsample_ratio, int) or self.downsample_ratio < 1:
             raise ValueError(f"downsample_ratio must be a positive integer, got {self.downsample_ratio!r}")
-        grid = self.vision_grid_size
-        if grid % self.downsample_ratio:
+        if not isinstance(self.projector_layernorm, bool):
+            raise ValueError(f"projector_layernorm must be true or false, got {self.projector_layernorm!r}")
+        if self.downsample_ratio > self.vision_grid_size:
             raise ValueError(
-                f"downsample_ratio={self.downsample_ratio} does not divide the vision patch grid ({grid}x{grid}: "
-                f"image_size / patch_size)"
+                f"downsample_ratio={self.downsample_ratio} is larger than the vision patch grid "
+                f"({self.vision_grid_size}x{self.vision_grid_size}: image_size / patch_size)"
             )
+
+
+def _check_fixed_resolution(vision_config):
+    """GenieBlue tiles images at the tower's one native resolution; NaFlex towers take patch sequences instead."""
+    if getattr(vision_config, "image_size", None) is None and getattr(vision_config, "num_patches", None) is not None:
+        raise ValueError(
+            f"vision_config is a NaFlex tower ({vision_config.model_type}: variable-resolution patch sequences, no "
+            f"image_size); GenieBlue cuts images into fixed-size tiles. Use a fixed-resolution SigLIP or SigLIP2 "
+            f"checkpoint (model_type siglip_vision_model, e.g. siglip2-so400m-patch14-384)"
+        )
 
 
 def _check_required_fields(config, name, fields):

@@ -1,40 +1,28 @@
 """LoRA for the multimodal path, built so that the base weights are never written.
 
-Why not PEFT here: PEFT's LoRA wraps the target ``nn.Linear`` in place, which would put the adapter on the
-text path as well, and its merge writes into the base tensors (merge/unmerge drifts in bf16). GenieBlue needs
-the adapter to exist only on the multimodal path, so the adapter weights live in ``LoraAdapter`` (plain
-parameters, not ``nn.Linear``, so a downstream ``get_peft_model(target_modules="all-linear")`` does not wrap
-them), and ``LoraLinear`` applies them to a *reference* of the base linear.
+Why not PEFT here: PEFT's LoRA wraps the target ``nn.Linear`` in place, which would put the adapter on the text path
+as well, and its merge writes into the base tensors (merge/unmerge drifts in bf16). GenieBlue needs the adapter to
+exist only on the multimodal path, so the adapter weights live in ``LoraAdapter`` modules owned by the GenieBlue model
+(plain parameters, not ``nn.Linear``, so a downstream ``get_peft_model(target_modules="all-linear")`` does not wrap
+them), and the multimodal path applies them to the base linear (``genieblue_dispatch``).
 
-Execution modes:
+The adapter is *called* as a module (``adapter(x, scaling)``) rather than read: hooks that sharding engines put on it
+(FSDP2, DeepSpeed ZeRO-3 gather its parameters in a pre-forward hook) then run as they do for any module.
+
+Execution modes (``config.lora_execution_mode``, or ``lora_mode=`` per call):
 - ``unmerged``: ``base(x) + s * B(A(dropout(x)))``; least memory.
-- ``merged``: ``F.linear(x, W + s * B @ A, bias)``; the merged weight is a separate tensor, cached and
-  recomputed whenever ``W``, ``A`` or ``B`` change (tensor version counters track in-place updates such as an
-  optimizer step or ``load_state_dict``). When gradients are needed, merged mode runs unmerged: a cached
-  tensor cannot carry an autograd graph across steps.
+- ``merged``: ``F.linear(x, W + s * B @ A, bias)``; the merged weight is a separate tensor (``MergedWeights``), cached
+  and recomputed whenever ``W``, ``A`` or ``B`` change (tensor version counters track in-place updates such as an
+  optimizer step or ``load_state_dict``). When gradients are needed, merged mode runs unmerged: a cached tensor
+  cannot carry an autograd graph across steps.
 """
 
 import math
 import threading
-from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-
-_MODE_OVERRIDE = ContextVar("genieblue_lora_mode", default=None)
-
-
-@contextmanager
-def lora_execution_mode(mode):
-    """Run the multimodal path of every GenieBlue model with ``mode`` inside this block (thread/context-local)."""
-    token = _MODE_OVERRIDE.set(mode)
-    try:
-        yield
-    finally:
-        _MODE_OVERRIDE.reset(token)
 
 
 def dense_tensor(tensor):
@@ -65,79 +53,81 @@ class LoraAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def forward(self, x, scaling):
+        """The additive LoRA branch ``scaling * B(A(x))`` (dropout is the caller's)."""
+        lora_a = self.lora_A
+        return F.linear(F.linear(x.to(lora_a.dtype), lora_a), self.lora_B) * scaling
+
+    def delta_weight(self, scaling):
+        """``scaling * B @ A`` in float32: the one place the merged formula lives (merged mode, dense export)."""
+        return (dense_tensor(self.lora_B).float() @ dense_tensor(self.lora_A).float()) * scaling
+
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class LoraLinear(nn.Module):
-    """A base linear seen through a LoRA adapter. Lives only in the multimodal view; holds references, no copies."""
+def merge_into(weight, adapter, scaling):
+    """``W + s * B @ A`` as a new tensor in ``W``'s dtype (computed in float32); ``weight`` is not written."""
+    dense = dense_tensor(weight)
+    return (dense.float() + adapter.delta_weight(scaling).to(dense.device)).to(dense.dtype)
 
-    def __init__(self, base_layer, adapter, scaling, dropout, default_mode):
-        super().__init__()
-        self.base_layer = base_layer
-        # The adapter is owned (registered) by the GenieBlue model; keep it out of this module tree.
-        object.__setattr__(self, "adapter", adapter)
-        self.scaling = scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.default_mode = default_mode
-        self._merged = None
-        self._merged_key = None
+
+class MergedWeights:
+    """Cached merged weights of one model's LoRA linears, keyed by the base linear; rebuilt when an input changes.
+
+    A copied or unpickled model starts with an empty cache (the tensors belong to the original)."""
+
+    def __init__(self):
         self._lock = threading.Lock()
+        self._cache = {}
 
-    @property
-    def weight(self):
-        # Some attention implementations read ``proj.weight.dtype``; answer with the base weight.
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
-    def _mode(self):
-        mode = _MODE_OVERRIDE.get() or self.default_mode
-        needs_grad = torch.is_grad_enabled() and (
-            self.adapter.lora_A.requires_grad or self.adapter.lora_B.requires_grad or self.base_layer.weight.requires_grad
-        )
-        if mode == "merged" and (needs_grad or (self.training and not isinstance(self.dropout, nn.Identity))):
-            return "unmerged"
-        return mode
-
-    def merged_weight(self):
-        """``W + s * B @ A`` in a tensor of its own, recomputed only when one of its inputs changed."""
-        weight, lora_a, lora_b = self.base_layer.weight, self.adapter.lora_A, self.adapter.lora_B
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, lora_a, lora_b)) + (self.scaling,)
+    def get(self, linear, adapter, scaling):
+        weight = linear.weight
+        if type(weight).__module__.startswith("bitsandbytes"):
+            raise NotImplementedError(
+                "merged LoRA mode needs the base weights in a dense or torchao format; this base is quantized with "
+                "bitsandbytes. Use lora_execution_mode='unmerged' (or lora_mode='unmerged')."
+            )
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, adapter.lora_A, adapter.lora_B))
+        key += (scaling,)
         with self._lock:
-            if self._merged_key != key:
+            cached = self._cache.get(id(linear))
+            if cached is None or cached[0] != key:
                 with torch.no_grad():
-                    delta = (dense_tensor(lora_b).float() @ dense_tensor(lora_a).float()) * self.scaling
-                    dense = dense_tensor(weight)
-                    self._merged = (dense.float() + delta.to(dense.device)).to(dense.dtype)
-                self._merged_key = key
-            return self._merged
+                    cached = (key, merge_into(weight, adapter, scaling))
+                self._cache[id(linear)] = cached
+            return cached[1]
 
-    def forward(self, x):
-        if self._mode() == "merged":
-            return F.linear(x, self.merged_weight(), self.base_layer.bias)
-        result = self.base_layer(x)
-        lora_a, lora_b = self.adapter.lora_A, self.adapter.lora_B
-        delta = F.linear(F.linear(self.dropout(x).to(lora_a.dtype), lora_a), lora_b) * self.scaling
-        return result + delta.to(result.dtype)
+    def clear(self):
+        with self._lock:
+            self._cache.clear()
 
-    def extra_repr(self):
-        return f"scaling={self.scaling}, default_mode={self.default_mode!r}"
+    def __deepcopy__(self, memo):
+        return MergedWeights()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
 
 
 def build_lora_adapters(layer, target_names, rank, dtype=None, device=None):
-    """One ``LoraAdapter`` per ``nn.Linear`` in ``layer`` whose name is in ``target_names``, keyed by path."""
+    """One ``LoraAdapter`` per ``nn.Linear`` in ``layer`` selected by ``target_names``, keyed by path.
+
+    ``target_names`` is a set of last path components (``{"q_proj", ...}``) or ``"all-linear"`` (every linear of the
+    block, for decoders whose projections have other names)."""
     adapters = {}
     for path, module in layer.named_modules():
-        if path and path.rsplit(".", 1)[-1] in target_names and isinstance(module, nn.Linear):
+        if not path or not isinstance(module, nn.Linear):
+            continue
+        if target_names == "all-linear" or path.rsplit(".", 1)[-1] in target_names:
             weight = module.weight
             adapters[path] = LoraAdapter(
                 module.in_features,
                 module.out_features,
                 rank,
-                dtype=dtype or weight.dtype,
+                dtype=dtype or (weight.dtype if weight.is_floating_point() else None),
                 device=device or weight.device,
             )
     return adapters

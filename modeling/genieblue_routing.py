@@ -1,18 +1,22 @@
 """Per-sequence routing between the text path and the multimodal path.
 
 A sequence takes one path from its first token to its last decode step. During ``generate``, transformers drops
-``pixel_values`` after prefill and decode steps carry no image placeholder, so the route cannot be re-derived
-from the inputs: it is recorded against the KV cache the prefill produced (``RouteRegistry``) and looked up on
-every later step. A mixed batch runs each path on its own rows; with a KV cache, the rows of the one cache object
-that ``generate`` holds are split per path before the step and written back after it (``split_cache`` and
-``merge_cache_rows``), so ``generate`` keeps seeing an ordinary ``DynamicCache``.
+``pixel_values`` after prefill and decode steps carry no image placeholder, so the route cannot be re-derived from
+the inputs: it is kept with the KV cache.
+
+- A batch on one path keeps the cache the base model made (a ``DynamicCache``, a ``StaticCache``, ...); its routes
+  are recorded against that cache object (``RouteRegistry``).
+- A batch mixing both paths keeps each path's rows in a cache of their own, held together by a ``RoutedCache``
+  that carries the routes itself. A decode step hands each path its own cache: nothing is copied between steps.
+
+``select_rows`` and ``stitch_rows`` split a batch's inputs by path and put the outputs back in batch order.
 """
 
 import threading
 import weakref
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
 
 ROUTES = ("auto", "text", "multimodal")
@@ -28,6 +32,8 @@ class RouteRegistry:
     def get(self, cache):
         if cache is None:
             return None
+        if isinstance(cache, RoutedCache):
+            return cache.routes
         with self._lock:
             entry = self._routes.get(id(cache))
         if entry is None or entry[0]() is not cache:
@@ -35,7 +41,7 @@ class RouteRegistry:
         return entry[1]
 
     def record(self, cache, routes):
-        if cache is None:
+        if cache is None or isinstance(cache, RoutedCache):
             return
         key = id(cache)
 
@@ -46,6 +52,14 @@ class RouteRegistry:
         with self._lock:
             self._routes[key] = (weakref.ref(cache, forget), routes.detach().to("cpu", torch.bool))
 
+    def forget(self, cache):
+        """Drop what was recorded for ``cache`` (a cache object reused for a new sequence, e.g. a reset StaticCache)."""
+        with self._lock:
+            self._routes.pop(id(cache), None)
+
+    def __len__(self):
+        return len(self._routes)
+
     def __deepcopy__(self, memo):
         return RouteRegistry()  # routes belong to cache objects of the original model's sequences
 
@@ -55,62 +69,103 @@ class RouteRegistry:
     def __setstate__(self, state):
         self.__init__()
 
-    def forget(self, cache):
-        """Drop what was recorded for ``cache`` (a cache object reused for a new sequence, e.g. a reset StaticCache)."""
-        with self._lock:
-            self._routes.pop(id(cache), None)
+
+class RoutedCache(Cache):
+    """The KV cache of a batch that mixes text-only and image sequences: one cache per path, each holding only its
+    own rows, plus the per-row routes. ``generate`` sees one cache object; every batch operation it performs (beam
+    reordering, cropping for assisted decoding, repetition) is applied to each part on its own rows."""
+
+    def __init__(self, routes, text=None, multimodal=None):
+        super().__init__(layers=[])
+        self.routes = routes.detach().to("cpu", torch.bool)
+        self.parts = {"text": text, "multimodal": multimodal}
+
+    @property
+    def row_groups(self):
+        """``{path: batch rows}``, each in batch order."""
+        return {"text": (~self.routes).nonzero().flatten(), "multimodal": self.routes.nonzero().flatten()}
+
+    def get_seq_length(self, *args, **kwargs):
+        part = self.parts["text"] or self.parts["multimodal"]
+        return part.get_seq_length(*args, **kwargs) if part is not None else 0
+
+    @property
+    def is_compileable(self):
+        return False
+
+    def _each(self, method, *args):
+        for part in self.parts.values():
+            if part is not None:
+                getattr(part, method)(*args)
+
+    def crop(self, *args):
+        self._each("crop", *args)
+
+    def reset(self):
+        self._each("reset")
+
+    def activate_past_recording(self):
+        self._each("activate_past_recording")
+
+    def _regroup(self, new_rows_of, new_routes):
+        """Apply a batch-row operation: ``new_rows_of[path]`` are, for each new row of that path, the index of the
+        old row *within that path's part* it comes from."""
+        for path, part in self.parts.items():
+            if part is not None:
+                part.batch_select_indices(new_rows_of[path])
+        self.routes = new_routes
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: new row ``r`` takes old row ``beam_idx[r]``, which must be on the same path."""
+        beam_idx = beam_idx.detach().to("cpu")
+        if not torch.equal(self.routes[beam_idx], self.routes):
+            raise RuntimeError("beam search moved a sequence between the text and the multimodal path")
+        position = torch.empty(len(self.routes), dtype=torch.long)
+        for rows in self.row_groups.values():
+            position[rows] = torch.arange(len(rows))
+        groups = self.row_groups
+        self._regroup({path: position[beam_idx[rows]] for path, rows in groups.items()}, self.routes)
+
+    def batch_repeat_interleave(self, repeats):
+        self._each("batch_repeat_interleave", repeats)
+        self.routes = self.routes.repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices):
+        indices = torch.as_tensor(indices).detach().to("cpu")
+        position = torch.empty(len(self.routes), dtype=torch.long)
+        for rows in self.row_groups.values():
+            position[rows] = torch.arange(len(rows))
+        new_routes = self.routes[indices]
+        self._regroup(
+            {path: position[indices[new_routes == (path == "multimodal")]] for path in self.parts}, new_routes
+        )
 
     def __len__(self):
-        return len(self._routes)
+        part = self.parts["text"] or self.parts["multimodal"]
+        return len(part) if part is not None else 0
+
+    def __repr__(self):
+        return f"RoutedCache(routes={self.routes.tolist()}, parts={self.parts})"
 
 
-def _dynamic_layers(cache):
-    """The per-layer key/value holders of a plain ``DynamicCache``; anything else cannot be split by rows."""
-    if type(cache) is not DynamicCache or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
-        raise NotImplementedError(
-            f"A batch mixing text-only and image sequences can only decode over a full-attention DynamicCache, got "
-            f"{type(cache).__name__} with layers {sorted({type(layer).__name__ for layer in cache.layers})}. Run the "
-            f"text-only and the image sequences as separate batches."
-        )
-    return cache.layers
+def select_rows(value, rows, batch_size):
+    """``value``'s ``rows`` if it is a tensor with one entry per batch row, else ``value`` unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch_size:
+        return value.index_select(0, rows.to(value.device))
+    return value
 
 
-def split_cache(cache, row_groups):
-    """One new ``DynamicCache`` per group of batch rows, holding copies of those rows' keys and values."""
-    parts = [DynamicCache() for _ in row_groups]
-    if cache is None:
-        return parts
-    for layer_idx, layer in enumerate(_dynamic_layers(cache)):
-        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-            continue
-        for part, rows in zip(parts, row_groups):
-            index = rows.to(layer.keys.device)
-            part.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
-    return parts
+def stitch_rows(tensors, row_groups, batch_size):
+    """One tensor of ``batch_size`` rows from per-path tensors and the batch rows each holds."""
+    first = next(t for t in tensors if t is not None)
+    merged = first.new_empty((batch_size, *first.shape[1:]))
+    for tensor, rows in zip(tensors, row_groups):
+        merged.index_copy_(0, rows.to(first.device), tensor.to(first.dtype))
+    return merged
 
 
-def merge_cache_rows(target, parts, row_groups, batch_size):
-    """Write each part's rows back into ``target`` (a ``DynamicCache``) at their batch positions."""
-    num_layers = len(parts[0].layers)
-    if any(len(part.layers) != num_layers for part in parts):
-        raise RuntimeError("the per-path KV caches of a mixed batch have different layer counts")
-    for layer_idx in range(num_layers):
-        sources = [part.layers[layer_idx] for part in parts]
-        first = sources[0].keys
-        shape = (batch_size, *first.shape[1:])
-        keys = first.new_empty(shape)
-        values = sources[0].values.new_empty((batch_size, *sources[0].values.shape[1:]))
-        for source, rows in zip(sources, row_groups):
-            index = rows.to(first.device)
-            keys.index_copy_(0, index, source.keys)
-            values.index_copy_(0, index, source.values)
-        if layer_idx < len(target.layers) and getattr(target.layers[layer_idx], "keys", None) is not None and (
-            target.layers[layer_idx].keys.numel() > 0
-        ):
-            # The layer already holds this batch's earlier tokens (split_cache checked it is a DynamicLayer):
-            # replace them with the merged, longer states.
-            target.layers[layer_idx].keys = keys
-            target.layers[layer_idx].values = values
-        else:
-            target.update(keys, values, layer_idx)
-    return target
+def stitch_tuples(tuples, row_groups, batch_size):
+    """Per-layer tuples (hidden states, attentions) stitched layer by layer, or None if a path has none."""
+    if any(t is None for t in tuples):
+        return None
+    return tuple(stitch_rows(layer_values, row_groups, batch_size) for layer_values in zip(*tuples))

@@ -5,32 +5,38 @@ Parts: a SigLIP vision tower, an MLP projector with token merging, the frozen ba
 (``.replicated_layers``) and LoRA adapters for every other block (``.lora``).
 
 Routing (non-shared base deployment): a sequence without images runs ``.language_model`` itself; a sequence with
-images runs the multimodal view (``genieblue_view``), which shares every base tensor and writes none. The route is
-chosen per sequence at its first forward and stays with its KV cache (``genieblue_routing``).
+images runs the same ``.language_model`` with the replicated blocks standing in their slots and LoRA on the other
+blocks' linears, for that call only (``genieblue_dispatch``). The route is chosen per sequence at its first forward
+and stays with its KV cache (``genieblue_routing``).
 
 This file is Hub remote code: it imports only torch, transformers and its sibling files.
 """
 
 import math
-import threading
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import initialization as init
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.utils import logging
 
 from .configuration_genieblue import LORA_EXECUTION_MODES, GenieBlueConfig
-from .genieblue_lora import LoraAdapter, LoraAdapterTree, build_lora_adapters, lora_execution_mode
-from .genieblue_routing import ROUTES, RouteRegistry, merge_cache_rows, split_cache
-from .genieblue_view import build_multimodal_view, copy_decoder_layer, find_decoder_layers
+from .genieblue_dispatch import (
+    MultimodalCall, PlanCache, checkpoint_context, copy_decoder_layer, find_decoder_layers, running,
+)
+from .genieblue_lora import LoraAdapter, LoraAdapterTree, MergedWeights, build_lora_adapters
+from .genieblue_routing import ROUTES, RouteRegistry, RoutedCache, select_rows, stitch_rows, stitch_tuples
 
 
 logger = logging.get_logger(__name__)
+
+# Vision towers whose transformers class dropped a ``vision_model`` wrapper within 5.x. Checkpoints keep the wrapped
+# key layout, which every 5.x release reads (the newest maps it on load; 5.0 reads nothing else).
+_WRAPPED_VISION_TYPES = ("siglip_vision_model", "clip_vision_model")
 
 
 @dataclass
@@ -46,61 +52,43 @@ class GenieBlueCausalLMOutputWithPast(ModelOutput):
     multimodal_rows: torch.Tensor | None = None
 
 
-class ViewCache:
-    """The cached multimodal view and the signature it was built for. A copied or unpickled model starts empty
-    (the view references the original's tensors; the copy builds its own on first use)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._key = None
-        self._view = None
-
-    def get(self, key, build):
-        with self._lock:
-            if self._view is None or self._key != key:
-                self._view, self._key = build(), key
-            return self._view
-
-    def clear(self):
-        with self._lock:
-            self._view, self._key = None, None
-
-    def __deepcopy__(self, memo):
-        return ViewCache()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
-
-
 class GenieBlueMultiModalProjector(nn.Module):
-    """Merges each ``r x r`` window of vision patches into one token, then a 2-layer MLP into the LLM width."""
+    """Merges each ``r x r`` window of vision patches into one token (a patch grid ``r`` does not divide is
+    zero-padded at the bottom and right first), then LayerNorm (``projector_layernorm``) and a 2-layer MLP into the
+    LLM width: InternVL's projector, the one the paper's parameter counts imply."""
 
     def __init__(self, config):
         super().__init__()
         self.downsample_ratio = config.downsample_ratio
         in_features = config.vision_config.hidden_size * config.downsample_ratio**2
         hidden = config.text_config.hidden_size
+        self.layer_norm = nn.LayerNorm(in_features) if config.projector_layernorm else None
         self.linear_1 = nn.Linear(in_features, hidden)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden, hidden)
 
     def merge_tokens(self, features):
-        """``(tiles, g*g, C)`` patch features to ``(tiles, (g/r)^2, r*r*C)`` (pixel unshuffle)."""
+        """``(tiles, g*g, C)`` patch features to ``(tiles, ceil(g/r)^2, r*r*C)`` (pixel unshuffle)."""
         r = self.downsample_ratio
         if r == 1:
             return features
         tiles, patches, channels = features.shape
         grid = int(round(patches**0.5))
-        if grid * grid != patches or grid % r:
-            raise ValueError(f"vision features have {patches} patches; token merging needs a square grid divisible by {r}")
+        if grid * grid != patches:
+            raise ValueError(f"vision features have {patches} patches; token merging needs a square patch grid")
+        features = features.reshape(tiles, grid, grid, channels)
+        pad = -grid % r
+        if pad:
+            features = F.pad(features, (0, 0, 0, pad, 0, pad))
+            grid += pad
         features = features.reshape(tiles, grid // r, r, grid // r, r, channels)
         return features.permute(0, 1, 3, 2, 4, 5).reshape(tiles, (grid // r) ** 2, r * r * channels)
 
     def forward(self, features):
-        return self.linear_2(self.act(self.linear_1(self.merge_tokens(features))))
+        merged = self.merge_tokens(features)
+        if self.layer_norm is not None:
+            merged = self.layer_norm(merged)
+        return self.linear_2(self.act(self.linear_1(merged)))
 
 
 class GenieBluePreTrainedModel(PreTrainedModel):
@@ -116,6 +104,10 @@ class GenieBluePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # The multimodal path reads which call it is in from a ContextVar and the route from Python state kept with the
+    # KV cache, neither of which torch.compile traces in one graph. The text path is the base LLM: compile
+    # ``model.language_model`` (it compiles in full; tested) for text-only serving.
+    _can_compile_fullgraph = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -124,15 +116,53 @@ class GenieBluePreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
             init.zeros_(module.lora_B)
             return
+        if self._is_replica_module(module):
+            # A replicated block is a block of the base class: its own init (non-persistent buffers included).
+            self.language_model._init_weights(module)
+            return
         std = getattr(self.config.text_config, "initializer_range", 0.02)
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.ndim == 1:  # norms
+        elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
-            if isinstance(getattr(module, "bias", None), nn.Parameter):
-                init.zeros_(module.bias)
+            init.zeros_(module.bias)
+
+    def _is_replica_module(self, module):
+        replicated = getattr(self, "replicated_layers", None)
+        if replicated is None:
+            return False
+        replica_modules = getattr(self, "_replica_module_ids", None)
+        if replica_modules is None:
+            replica_modules = {id(m) for m in replicated.modules()}
+        return id(module) in replica_modules
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """``PreTrainedModel.initialize_weights``, with the base LLM and the vision tower initialising exactly as they
+        do when loaded on their own. transformers would otherwise hand GenieBlue's custom-code flag down to them,
+        which skips parent modules whose parameters were all loaded, and with them the non-persistent buffers they
+        own (FalconH1's ``mup_vector``)."""
+        for tower in (self.language_model, self.vision_tower):
+            tower.initialize_weights()
+        self._replica_module_ids = {id(m) for m in self.replicated_layers.modules()}
+        try:
+            with init.guard_torch_init_functions():
+                for part in (self.multi_modal_projector, self.replicated_layers, self.lora):
+                    for module in _post_order(part):
+                        if not getattr(module, "_is_hf_initialized", False):
+                            self._init_weights(module)
+                            module._is_hf_initialized = True
+        finally:
+            del self._replica_module_ids
+
+
+def _post_order(module):
+    """``module``'s submodules, children before parents (the order ``initialize_weights`` visits them)."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
 
 
 class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixin):
@@ -145,7 +175,8 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
       - ``"multimodal"``: every sequence runs the multimodal path, images or not (training on text data through the
         multimodal path, or the paper's "shared base" ablation).
 
-    ``lora_mode`` (``"unmerged"`` or ``"merged"``) overrides ``config.lora_execution_mode`` for one call.
+    LoRA execution (one setting, one override): ``config.lora_execution_mode`` (``"unmerged"`` or ``"merged"``;
+    ``set_lora_execution_mode`` validates and sets it), overridden for one call by ``lora_mode=``.
 
     The base LLM is frozen (``requires_grad=False``) from construction on: GenieBlue never trains it.
     """
@@ -157,37 +188,40 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = GenieBlueMultiModalProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        self.__dict__["_layers_path"] = self._build_multimodal_blocks()
-        self.__dict__["_route_registry"] = RouteRegistry()
-        self.__dict__["_view_cache"] = ViewCache()
+        self._build_multimodal_blocks()
+        self._route_registry = RouteRegistry()
+        self._plans = PlanCache()
+        self._merged_weights = MergedWeights()
+        self._shared_base = False
+        self._peft_checked = None
         self.post_init()
         if self.language_model.device.type != "meta":
             self.reset_multimodal_from_base()
         self.language_model.requires_grad_(False)
 
     def _build_multimodal_blocks(self):
-        """(Re)create ``.replicated_layers`` (copies of the base blocks) and ``.lora``; returns the blocks' path."""
+        """(Re)create ``.replicated_layers`` (copies of the base blocks) and ``.lora``."""
         config = self.config
-        layers_path, base_layers = find_decoder_layers(self.language_model, config.text_config.num_hidden_layers)
+        _, base_layers = find_decoder_layers(self.language_model, config.text_config.num_hidden_layers)
         lm_config = self.language_model.config
         self.replicated_layers = nn.ModuleDict(
             {str(i): copy_decoder_layer(base_layers[i], lm_config) for i in config.replicated_layers}
         )
         self.replicated_layers.requires_grad_(True)
-        self.lora = nn.ModuleDict(
-            {str(i): LoraAdapterTree(self._adapters_for(base_layers[i], i)) for i in config.lora_layers}
-        )
-        return layers_path
-
-    def _adapters_for(self, layer, index):
-        adapters = build_lora_adapters(layer, set(self.config.lora_target_modules), self.config.lora_rank)
-        if not adapters:
+        targets = config.lora_target_modules
+        targets = targets if targets == "all-linear" else set(targets)
+        adapters = {i: build_lora_adapters(base_layers[i], targets, config.lora_rank) for i in config.lora_layers}
+        if config.lora_layers and not any(adapters.values()):
+            layer = base_layers[config.lora_layers[0]]
             linears = sorted({p.rsplit(".", 1)[-1] for p, m in layer.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(
-                f"lora_target_modules {self.config.lora_target_modules} match no nn.Linear in decoder layer {index}; "
-                f"its linears are {linears}"
+                f"lora_target_modules {config.lora_target_modules} match no nn.Linear in any decoder block; the "
+                f"linears of block {config.lora_layers[0]} are {linears} (or pass lora_target_modules='all-linear')"
             )
-        return adapters
+        skipped = [i for i, found in adapters.items() if not found]
+        if skipped:
+            logger.info("blocks %s have no linear named in lora_target_modules and get no LoRA", skipped)
+        self.lora = nn.ModuleDict({str(i): LoraAdapterTree(found) for i, found in adapters.items()})
 
     # -- composition ----------------------------------------------------------------------------------------------
     @classmethod
@@ -216,13 +250,12 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         model.config.text_config = language_model.config
         model.config.vision_config = vision_model.config
         device, dtype = language_model.device, language_model.dtype
-        model.__dict__["_layers_path"] = model._build_multimodal_blocks()
+        model._build_multimodal_blocks()
         model.multi_modal_projector = GenieBlueMultiModalProjector(config).to(device=device, dtype=dtype)
-        model._init_weights(model.multi_modal_projector.linear_1)
-        model._init_weights(model.multi_modal_projector.linear_2)
+        for module in model.multi_modal_projector.modules():
+            model._init_weights(module)
         model.config.dtype = dtype
         model.language_model.requires_grad_(False)
-        model.drop_multimodal_view()
         return model.train(language_model.training)
 
     # -- training -------------------------------------------------------------------------------------------------
@@ -247,7 +280,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         for part, flag in trainable.items():
             getattr(self, part).requires_grad_(flag)
         self.language_model.requires_grad_(bool(shared_base))
-        self.__dict__["_shared_base"] = bool(shared_base)
+        self._shared_base = bool(shared_base)
         counts = self.trainable_parameters()
         logger.info("GenieBlue stage %d trainable parameters: %s", stage, counts)
         return counts
@@ -259,7 +292,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
 
     def _check_base_frozen(self):
         """In training: the base LLM must not be trainable (outside the shared-base ablation)."""
-        if self.__dict__.get("_shared_base"):
+        if self._shared_base:
             return
         if any(p.requires_grad for p in self.language_model.parameters()):
             raise RuntimeError(
@@ -274,11 +307,11 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         PEFT marks the model it injects into with ``peft_config``; only then are the base modules scanned (once per
         adapter set), so the text path pays nothing without PEFT.
         """
-        peft_config = self.__dict__.get("peft_config")
+        peft_config = getattr(self, "peft_config", None)
         if peft_config is None:
             return
         key = (id(peft_config), tuple(peft_config))
-        if self.__dict__.get("_peft_checked") == key:
+        if self._peft_checked == key:
             return
         for name, module in self.language_model.named_modules():
             if hasattr(module, "adapter_layer_names"):  # a PEFT tuner layer
@@ -287,14 +320,56 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
                     f"Target only the multimodal parts: genieblue_hf.training.multimodal_lora_config(...), or "
                     f"exclude_modules=r'language_model\\..*' in the LoraConfig."
                 )
-        self.__dict__["_peft_checked"] = key
+        self._peft_checked = key
 
+    def _checkpointing_kwargs(self, kwargs):
+        """Checkpointing as the multimodal path needs it: non-reentrant, with the recompute re-entering the call."""
+        kwargs = dict(kwargs or {})
+        if kwargs.get("use_reentrant"):
+            raise ValueError(
+                "GenieBlue needs non-reentrant activation checkpointing (use_reentrant=False, transformers' default): "
+                "a block recomputed in the backward pass must see the multimodal path it ran on, which only "
+                "non-reentrant checkpointing can restore (through its context_fn)"
+            )
+        if "context_fn" in kwargs:
+            raise ValueError("GenieBlue sets the checkpoint context_fn itself; pass other checkpoint arguments only")
+        return {**kwargs, "use_reentrant": False, "context_fn": checkpoint_context}
+
+    if hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # later 5.x; gradient_checkpointing_enable calls it
+
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+            return super().activation_checkpointing_enable(
+                self._checkpointing_kwargs(activation_checkpointing_kwargs), *args, **kwargs
+            )
+
+    else:
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, *args, **kwargs):
+            return super().gradient_checkpointing_enable(
+                self._checkpointing_kwargs(gradient_checkpointing_kwargs), *args, **kwargs
+            )
+
+    # -- loading and saving ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``, then the base LLM frozen again (loading materialises new tensors)."""
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         model.language_model.requires_grad_(False)
-        return model
+        return loaded
+
+    def portable_key(self, key):
+        """A state-dict key as GenieBlue checkpoints store it (``portable_key``)."""
+        return portable_key(key, getattr(self.config.vision_config, "model_type", None))
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """``PreTrainedModel.save_pretrained`` writing the portable key layout (``portable_key``)."""
+        if state_dict is None:
+            own = self.state_dict()
+            state_dict = own if any(self.portable_key(key) != key for key in own) else None
+        if state_dict is not None:
+            state_dict = {self.portable_key(key): value for key, value in state_dict.items()}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
     @torch.no_grad()
     def reset_multimodal_from_base(self):
@@ -325,67 +400,37 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
             f"(id {self.config.image_token_id}) is handled by the multimodal path without an embedding row."
         )
 
-    # -- the multimodal view --------------------------------------------------------------------------------------
+    # -- the multimodal path --------------------------------------------------------------------------------------
     def set_lora_execution_mode(self, mode):
-        """Switch how the multimodal path applies LoRA (``"unmerged"`` or ``"merged"``); base weights are untouched."""
-        if mode not in LORA_EXECUTION_MODES:
-            raise ValueError(f"lora execution mode must be one of {LORA_EXECUTION_MODES}, got {mode!r}")
+        """Set ``config.lora_execution_mode`` (``"unmerged"`` or ``"merged"``); base weights are untouched."""
+        _check_lora_mode(mode)
         self.config.lora_execution_mode = mode
-        self.drop_multimodal_view()
 
-    def drop_multimodal_view(self):
-        """Forget the cached multimodal view (and its merged LoRA weights); the next image request rebuilds it."""
-        self._view_cache.clear()
+    def drop_multimodal_cache(self):
+        """Forget the multimodal plan and the merged LoRA weights (frees merged mode's memory); both are rebuilt on
+        the next image request."""
+        self._plans.clear()
+        self._merged_weights.clear()
 
-    def _view_signature(self):
-        # The view references tensors by object; if any of them was replaced (``.to()``, ``load_state_dict(assign=
-        # True)``, a swapped module) or a flag it copied changed, it is rebuilt.
-        tensors = (*self.language_model.parameters(), *self.language_model.buffers())
-        extra = (*self.replicated_layers.parameters(), *self.lora.parameters())
-        flags = (
-            self.training,
-            self.config.lora_execution_mode,
-            self.config.lora_dropout,
-            tuple(getattr(m, "gradient_checkpointing", None) for m in self.replicated_layers.values()),
-            # PEFT adapters a fine-tuner put on the replicated blocks: enabled, active and merged state
-            tuple(
-                (m._disable_adapters, str(m.active_adapters), tuple(m.merged_adapters))
-                for m in self.replicated_layers.modules()
-                if hasattr(m, "adapter_layer_names")
-            ),
+    def multimodal_plan(self):
+        """Which base module the multimodal path substitutes by what (``genieblue_dispatch.MultimodalPlan``)."""
+        _, layers = find_decoder_layers(self.language_model, self.config.text_config.num_hidden_layers)
+        replicas = {int(i): layer for i, layer in self.replicated_layers.items()}
+        trees = {int(i): tree for i, tree in self.lora.items()}
+        return self._plans.get(layers, replicas, trees)
+
+    def _multimodal_call(self, lora_mode=None):
+        mode = lora_mode or self.config.lora_execution_mode
+        return MultimodalCall(
+            self.multimodal_plan(), mode, self.config.lora_scaling, self.config.lora_dropout, self.training,
+            self._merged_weights,
         )
-        return flags, tuple(map(id, tensors)), tuple(map(id, extra))
-
-    def multimodal_language_model(self):
-        """The language model as the multimodal path runs it: replicated blocks swapped in, LoRA on the rest.
-
-        It shares every tensor with ``.language_model``, ``.replicated_layers`` and ``.lora`` and is not part of
-        this model's module tree (nothing is saved or registered twice). A dense export has no view: its language
-        model is the multimodal LM.
-        """
-        if self.config.is_dense:
-            return self.language_model
-        key = self._view_signature()
-        return self._view_cache.get(
-            key,
-            lambda: build_multimodal_view(
-                self.language_model,
-                self._layers_path,
-                {int(i): layer for i, layer in self.replicated_layers.items()},
-                {int(i): tree for i, tree in self.lora.items()},
-                scaling=self.config.lora_scaling,
-                dropout=self.config.lora_dropout,
-                mode=self.config.lora_execution_mode,
-            ),
-        )
-
-    def _apply(self, fn, *args, **kwargs):
-        self.drop_multimodal_view()
-        return super()._apply(fn, *args, **kwargs)
 
     # -- images ---------------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values):
-        """Projected image features, ``(num_tiles, image_tokens_per_tile, text_hidden_size)``."""
+    def get_image_features(self, pixel_values, vision_feature_layer=None, output_hidden_states=None, return_dict=None,
+                           **kwargs):
+        """The vision tower's outputs with the projected image features in ``pooler_output``
+        (``(num_tiles, image_tokens_per_tile, text_hidden_size)``), as transformers' VLMs return them."""
         size = self.config.vision_image_size
         channels = getattr(self.config.vision_config, "num_channels", 3)
         if not isinstance(pixel_values, torch.Tensor):
@@ -396,33 +441,48 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
             )
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
-        layer = self.config.vision_feature_layer
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         outputs = self.vision_tower(
-            pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=layer != -1
+            pixel_values=pixel_values.to(self.vision_tower.dtype),
+            output_hidden_states=bool(output_hidden_states) or layer != -1,
+            return_dict=True,
         )
         features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
-        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        projected = self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        result = BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=projected,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=getattr(outputs, "attentions", None),
+        )
+        return result if return_dict is not False else result.to_tuple()
 
     def get_placeholder_mask(self, input_ids):
         return input_ids == self.config.image_token_id
 
-    def _embed_multimodal(self, input_ids, pixel_values, inputs_embeds):
-        """Token embeddings with image features scattered onto the placeholder positions."""
+    def _embed_multimodal(self, input_ids, pixel_values, inputs_embeds, continuing):
+        """Token embeddings with image features scattered onto the placeholder positions.
+
+        On a continuation (the KV cache already holds the sequence's images), placeholder ids without new
+        ``pixel_values`` are draft tokens a candidate generator proposed (prompt-lookup decoding copies prompt
+        n-grams): they get the embedding of id 0, and the multimodal path's logits never select them.
+        """
         if input_ids is None:
             if pixel_values is not None:
                 raise ValueError("pixel_values need input_ids with image placeholder tokens, not inputs_embeds")
             return inputs_embeds, None
         image_mask = self.get_placeholder_mask(input_ids)
         embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        n_tokens = int(image_mask.sum())
         if pixel_values is None:
+            n_tokens = 0 if continuing else int(image_mask.sum())
             if n_tokens:
                 raise ValueError(
                     f"input_ids hold {n_tokens} image placeholder tokens (id {self.config.image_token_id}) but no "
                     f"pixel_values were given"
                 )
             return embeds, None
-        features = self.get_image_features(pixel_values)
+        n_tokens = int(image_mask.sum())
+        features = self.get_image_features(pixel_values).pooler_output
         n_features = features.shape[0] * features.shape[1]
         if n_tokens != n_features:
             raise ValueError(
@@ -434,61 +494,57 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         return embeds, features
 
     # -- routing --------------------------------------------------------------------------------------------------
-    def _resolve_routes(self, input_ids, inputs_embeds, pixel_values, recorded, route):
+    def _resolve_routes(self, input_ids, inputs_embeds, pixel_values, past_key_values, route):
         """A bool per row (on the CPU, so deciding costs no device sync): True runs the multimodal path.
 
-        Decode steps over a recorded KV cache take the recorded routes without looking at the tokens: a reserved
-        in-vocabulary placeholder id that the base itself generates is just a token on the text path. Only new
-        images (``pixel_values``) are checked against the rows they would join.
+        A sequence that has a KV cache keeps the route it started on; a new one takes the route asked for, or under
+        ``"auto"`` the multimodal path exactly when it holds image placeholders.
         """
-        if route is None:
-            route = "auto"
+        route = route or "auto"
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         batch = reference.shape[0]
-        if recorded is not None:
-            if recorded.shape[0] != batch:
-                raise ValueError(
-                    f"past_key_values holds {recorded.shape[0]} sequences but this call has {batch} rows"
-                )
-            if (route == "text" and recorded.any()) or (route == "multimodal" and not recorded.all()):
-                raise ValueError(
-                    f"route={route!r} conflicts with the route these sequences started on (multimodal rows: "
-                    f"{recorded.nonzero().flatten().tolist()}); a sequence keeps one path for its whole KV cache"
-                )
-            if pixel_values is not None and input_ids is not None:
-                has_image = self.get_placeholder_mask(input_ids).any(-1).cpu()
-                text_rows_with_images = (has_image & ~recorded).nonzero().flatten().tolist()
-                if text_rows_with_images:
-                    raise ValueError(
-                        f"rows {text_rows_with_images} started on the text path and now contain image placeholders; "
-                        f"an image cannot join a text-path KV cache. Run the whole conversation again without "
-                        f"past_key_values."
-                    )
-            return recorded
         has_image = (
-            self.get_placeholder_mask(input_ids).any(-1).cpu()
-            if input_ids is not None
+            self.get_placeholder_mask(input_ids).any(-1).cpu() if input_ids is not None
             else torch.zeros(batch, dtype=torch.bool)
         )
-        if route == "text":
-            if has_image.any() or pixel_values is not None:
-                raise ValueError(
-                    f"route='text' runs the base LLM, which has no image placeholder (id {self.config.image_token_id}) "
-                    f"and takes no pixel_values"
-                )
-            return torch.zeros(batch, dtype=torch.bool)
-        if route == "multimodal":
-            return torch.ones(batch, dtype=torch.bool)
-        if pixel_values is not None and not has_image.any():
+        recorded = self._route_registry.get(past_key_values)
+        if recorded is not None:
+            self._check_continuation(recorded, route, has_image, pixel_values, batch)
+            return recorded
+        self._check_new_sequences(route, has_image, pixel_values)
+        return {"auto": has_image, "text": torch.zeros(batch, dtype=torch.bool),
+                "multimodal": torch.ones(batch, dtype=torch.bool)}[route]
+
+    def _check_continuation(self, recorded, route, has_image, pixel_values, batch):
+        if recorded.shape[0] != batch:
+            raise ValueError(f"past_key_values holds {recorded.shape[0]} sequences but this call has {batch} rows")
+        if (route == "text" and recorded.any()) or (route == "multimodal" and not recorded.all()):
+            raise ValueError(
+                f"route={route!r} conflicts with the route these sequences started on (multimodal rows: "
+                f"{recorded.nonzero().flatten().tolist()}); a sequence keeps one path for its whole KV cache"
+            )
+        text_rows_with_images = (has_image & ~recorded).nonzero().flatten().tolist()
+        if pixel_values is not None and text_rows_with_images:
+            raise ValueError(
+                f"rows {text_rows_with_images} started on the text path and now contain image placeholders; an image "
+                f"cannot join a text-path KV cache. Run the whole conversation again without past_key_values."
+            )
+
+    def _check_new_sequences(self, route, has_image, pixel_values):
+        if route == "text" and (has_image.any() or pixel_values is not None):
+            raise ValueError(
+                f"route='text' runs the base LLM, which has no image placeholder (id {self.config.image_token_id}) and "
+                f"takes no pixel_values"
+            )
+        if route == "auto" and pixel_values is not None and not has_image.any():
             raise ValueError(
                 f"pixel_values were given but input_ids hold no image placeholder token (id "
                 f"{self.config.image_token_id}); the processor inserts them"
             )
-        return has_image
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(
@@ -504,116 +560,104 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         logits_to_keep=0,
         route=None,
         lora_mode=None,
+        return_dict=None,
         **kwargs,
     ):
         r"""
         route (`str`, *optional*): ``"auto"`` (default), ``"text"`` or ``"multimodal"``; see the class docstring.
         lora_mode (`str`, *optional*): ``"unmerged"`` or ``"merged"`` for this call's multimodal rows.
+        return_dict (`bool`, *optional*): ``False`` returns ``outputs.to_tuple()`` (defaults to ``config.return_dict``).
         """
-        if lora_mode is not None and lora_mode not in LORA_EXECUTION_MODES:
-            raise ValueError(f"lora_mode must be one of {LORA_EXECUTION_MODES}, got {lora_mode!r}")
-        recorded = self._route_registry.get(past_key_values)
-        routes = self._resolve_routes(input_ids, inputs_embeds, pixel_values, recorded, route)
+        if lora_mode is not None:
+            _check_lora_mode(lora_mode)
+        routes = self._resolve_routes(input_ids, inputs_embeds, pixel_values, past_key_values, route)
         self._check_no_adapter_on_base()
         if self.training and torch.is_grad_enabled():
             self._check_base_frozen()
         common = dict(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
+            attention_mask=attention_mask, position_ids=position_ids, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs,
         )
-        with lora_execution_mode(lora_mode) if lora_mode is not None else nullcontext():
-            if not routes.any():
-                outputs = self._text_forward(input_ids, inputs_embeds, past_key_values, **common)
-            elif routes.all():
-                outputs = self._multimodal_forward(input_ids, pixel_values, inputs_embeds, past_key_values, **common)
-            else:
-                outputs = self._mixed_forward(
-                    routes, input_ids, pixel_values, inputs_embeds, past_key_values, **common
-                )
+        if not routes.any():
+            outputs = self._text_forward(input_ids, inputs_embeds, past_key_values, **common)
+        elif routes.all():
+            outputs = self._multimodal_forward(
+                input_ids, pixel_values, inputs_embeds, past_key_values, lora_mode=lora_mode, **common
+            )
+        else:
+            outputs = self._mixed_forward(
+                routes, input_ids, pixel_values, inputs_embeds, past_key_values, lora_mode=lora_mode, **common
+            )
         outputs.multimodal_rows = routes
-        if outputs.past_key_values is not None and (recorded is None or outputs.past_key_values is not past_key_values):
+        if outputs.past_key_values is not None:
             self._route_registry.record(outputs.past_key_values, routes)
-        return outputs
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return outputs if return_dict else outputs.to_tuple()
 
     def _text_forward(self, input_ids, inputs_embeds, past_key_values, **kwargs):
         """The base LLM, called as itself."""
         out = self.language_model(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values, **kwargs
+            input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values, return_dict=True,
+            **kwargs,
         )
         return GenieBlueCausalLMOutputWithPast(
-            loss=out.loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
+            loss=out.loss, logits=out.logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
 
-    def _multimodal_forward(self, input_ids, pixel_values, inputs_embeds, past_key_values, labels=None, **kwargs):
-        """Vision tower, projector, then the multimodal view of the language model."""
-        inputs_embeds, image_features = self._embed_multimodal(input_ids, pixel_values, inputs_embeds)
+    def _multimodal_forward(self, input_ids, pixel_values, inputs_embeds, past_key_values, labels=None,
+                            lora_mode=None, **kwargs):
+        """Vision tower and projector, then the base LM with the replicated blocks and LoRA substituted."""
+        continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
+        inputs_embeds, image_features = self._embed_multimodal(input_ids, pixel_values, inputs_embeds, continuing)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(self.get_placeholder_mask(input_ids), -100)
         if self.training and torch.is_grad_enabled() and not inputs_embeds.requires_grad:
-            # text rows on the multimodal path: reentrant activation checkpointing needs an input that requires grad
+            # text rows on the multimodal path: activation checkpointing needs an input that requires grad
             inputs_embeds = inputs_embeds.detach().requires_grad_(True)
-        out = self.multimodal_language_model()(
-            inputs_embeds=inputs_embeds, past_key_values=past_key_values, labels=labels, **kwargs
-        )
+        if self.config.is_dense:  # a dense export: the language model is the multimodal LM
+            out = self.language_model(
+                inputs_embeds=inputs_embeds, past_key_values=past_key_values, labels=labels, return_dict=True, **kwargs
+            )
+        else:
+            with running(self._multimodal_call(lora_mode)) as call:
+                out = self.language_model(
+                    inputs_embeds=inputs_embeds, past_key_values=past_key_values, labels=labels, return_dict=True,
+                    **kwargs,
+                )
+            call.check_complete()
         logits = out.logits
         if self.config.image_token_id < logits.shape[-1]:
             # A placeholder id inside the base vocabulary must never be generated by the multimodal path.
             logits = logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
         return GenieBlueCausalLMOutputWithPast(
-            loss=out.loss,
-            logits=logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            image_hidden_states=image_features,
+            loss=out.loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            attentions=out.attentions, image_hidden_states=image_features,
         )
 
-    def _mixed_forward(self, routes, input_ids, pixel_values, inputs_embeds, past_key_values, **kwargs):
-        """Each path on its own rows; outputs (and the KV cache) stitched back in batch order."""
-        mm_rows = routes.nonzero().flatten()
-        text_rows = (~routes).nonzero().flatten()
-        groups = (text_rows, mm_rows)
+    def _mixed_forward(self, routes, input_ids, pixel_values, inputs_embeds, past_key_values, labels=None,
+                       lora_mode=None, **kwargs):
+        """Each path on its own rows, with its own part of a ``RoutedCache``; outputs stitched back in batch order."""
         batch = routes.shape[0]
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.language_model.config, "use_cache", True)
-        caches = split_cache(past_key_values, groups) if (use_cache or past_key_values is not None) else (None, None)
-        labels = kwargs.pop("labels", None)
-
-        def rows(value, index):
-            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
-                return value.index_select(0, index.to(value.device))
-            return value
-
-        sub_kwargs = [{k: rows(v, index) for k, v in kwargs.items()} for index in groups]
-        text_out = self._text_forward(rows(input_ids, text_rows), rows(inputs_embeds, text_rows), caches[0], **sub_kwargs[0])
-        mm_out = self._multimodal_forward(
-            rows(input_ids, mm_rows), pixel_values, rows(inputs_embeds, mm_rows), caches[1], **sub_kwargs[1]
-        )
-        parts = (text_out, mm_out)
-
-        def stitch(tensors):
-            first = tensors[0]
-            merged = first.new_empty((batch, *first.shape[1:]))
-            for tensor, index in zip(tensors, groups):
-                merged.index_copy_(0, index.to(first.device), tensor.to(first.dtype))
-            return merged
-
-        def stitch_tuple(name):
-            values = [getattr(p, name) for p in parts]
-            if any(v is None for v in values):
-                return None
-            return tuple(stitch(layer_values) for layer_values in zip(*values))
-
-        logits = stitch([p.logits for p in parts])
+        cache = _routed_cache(past_key_values, routes)
+        groups = cache.row_groups
+        parts = {}
+        for path, rows in groups.items():
+            sub = {k: select_rows(v, rows, batch) for k, v in kwargs.items()}
+            ids, embeds = select_rows(input_ids, rows, batch), select_rows(inputs_embeds, rows, batch)
+            if path == "text":
+                parts[path] = self._text_forward(ids, embeds, cache.parts[path], **sub)
+            else:
+                parts[path] = self._multimodal_forward(
+                    ids, pixel_values, embeds, cache.parts[path], lora_mode=lora_mode, **sub
+                )
+        order = [groups["text"], groups["multimodal"]]
+        outputs = [parts["text"], parts["multimodal"]]
+        logits = stitch_rows([o.logits for o in outputs], order, batch)
         loss = None
         if labels is not None:
             if input_ids is not None:
@@ -621,38 +665,72 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
             loss = self.language_model.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size
             )
-        cache = None
         if use_cache:
-            cache = past_key_values if past_key_values is not None else DynamicCache()
-            merge_cache_rows(cache, [p.past_key_values for p in parts], groups, batch)
+            cache.parts = {path: out.past_key_values for path, out in parts.items()}
         return GenieBlueCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
-            hidden_states=stitch_tuple("hidden_states"),
-            attentions=stitch_tuple("attentions"),
-            image_hidden_states=mm_out.image_hidden_states,
+            past_key_values=cache if use_cache else None,
+            hidden_states=stitch_tuples([o.hidden_states for o in outputs], order, batch),
+            attentions=stitch_tuples([o.attentions for o in outputs], order, batch),
+            image_hidden_states=parts["multimodal"].image_hidden_states,
         )
 
     # -- generation -----------------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, *args, pixel_values=None, is_first_iteration=False, **kwargs):
-        """Pass ``pixel_values`` only where the images are consumed: prefill, or every step without a cache.
-
-        An empty cache at the first iteration starts new sequences: generate may reuse one cache object across calls
-        (a reset StaticCache), so the routes recorded for it are forgotten.
-        """
+        """Pass ``pixel_values`` exactly when the images are consumed: while the KV cache is still empty (the
+        prefill, whoever runs it: assisted decoding runs an assistant's prefill as a later iteration), or at every
+        step without a cache. An empty cache starts new sequences: generate may reuse one cache object across calls
+        (a reset StaticCache), so the routes recorded for it are forgotten."""
         cache = kwargs.get("past_key_values")
-        if is_first_iteration and cache is not None and cache.get_seq_length() == 0:
+        fresh = cache is None or cache.get_seq_length() == 0
+        if fresh and cache is not None:
             self._route_registry.forget(cache)
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if is_first_iteration or not kwargs.get("use_cache", True):
+        if fresh or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
         else:
             model_inputs.pop("pixel_values", None)
         return model_inputs
 
 
+def portable_key(key, vision_model_type):
+    """A GenieBlue checkpoint key in the layout every transformers 5.x release reads: SigLIP-style towers keep their
+    ``vision_model.`` wrapper (``vision_tower.vision_model.encoder...``). Recent releases dropped the wrapper from the
+    class and map the wrapped keys on load; 5.0 reads only those."""
+    prefix = "vision_tower."
+    if (
+        vision_model_type in _WRAPPED_VISION_TYPES
+        and key.startswith(prefix)
+        and not key.startswith(prefix + "vision_model.")
+    ):
+        return prefix + "vision_model." + key[len(prefix):]
+    return key
+
+
+def _check_lora_mode(mode):
+    if mode not in LORA_EXECUTION_MODES:
+        raise ValueError(f"lora_mode must be one of {LORA_EXECUTION_MODES}, got {mode!r}")
+
+
+def _routed_cache(past_key_values, routes):
+    """The ``RoutedCache`` a mixed batch decodes over: the one it holds already, or a new one at its prefill."""
+    if isinstance(past_key_values, RoutedCache):
+        return past_key_values
+    if past_key_values is None or (
+        type(past_key_values).__name__ == "DynamicCache" and past_key_values.get_seq_length() == 0
+    ):
+        return RoutedCache(routes)
+    raise NotImplementedError(
+        f"A batch mixing text-only and image sequences keeps one KV cache per path and starts from none or an empty "
+        f"DynamicCache, got {type(past_key_values).__name__} (holding {past_key_values.get_seq_length()} tokens). "
+        f"Run the text-only and the image sequences as separate batches to use this cache."
+    )
+
+
 # save_pretrained copies this file and its relative imports next to config.json (config.auto_map lists them all).
 GenieBlueForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-__all__ = ["GenieBlueForConditionalGeneration", "GenieBluePreTrainedModel", "GenieBlueMultiModalProjector"]
+__all__ = [
+    "GenieBlueForConditionalGeneration", "GenieBluePreTrainedModel", "GenieBlueMultiModalProjector", "portable_key",
+]

@@ -51,7 +51,10 @@ def test_lora_scaling_plain_and_rslora():
         (dict(lora_target_modules=[]), "lora_target_modules"),
         (dict(lora_execution_mode="fused"), "lora_execution_mode"),
         (dict(image_token_id=-1), "image_token_id"),
-        (dict(downsample_ratio=3), "downsample_ratio"),
+        (dict(downsample_ratio=5), "downsample_ratio=5 is larger than the vision patch grid"),
+        (dict(downsample_ratio=0), "downsample_ratio"),
+        (dict(projector_layernorm="yes"), "projector_layernorm"),
+        (dict(lora_target_modules="q_proj"), "lora_target_modules"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):
@@ -72,8 +75,8 @@ def test_sub_configs_missing_fields_are_named():
 
 GENIEBLUE_FIELDS = (
     "replication_strategy", "replication_interval", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "use_rslora", "lora_execution_mode", "image_token_id", "projector_hidden_act", "downsample_ratio",
-    "vision_feature_layer",
+    "use_rslora", "lora_execution_mode", "image_token_id", "projector_hidden_act", "projector_layernorm",
+    "downsample_ratio", "vision_feature_layer",
 )
 
 
@@ -103,3 +106,73 @@ def test_empty_strategy_is_lora_on_every_block():
     config = make(replication_strategy=[])
     assert config.replicated_layers == [] and not config.is_dense
     assert config.lora_layers == list(range(config.text_config.num_hidden_layers))
+
+
+def test_odd_patch_grid_is_padded_to_the_merge_window():
+    """so400m-patch14-384 in miniature: a 27x27 patch grid pads to 28x28 and merges 2x2 into 14x14 = 196 tokens."""
+    vision = tiny_vision_config()
+    vision.image_size, vision.patch_size = 108, 4
+    config = GenieBlueConfig(text_config=tiny_text_config(), vision_config=vision)
+    assert config.vision_grid_size == 27 and config.merged_grid_size == 14 and config.image_tokens_per_tile == 196
+
+
+def test_saved_configs_keep_projector_layernorm_and_old_ones_read_false(tmp_path):
+    import json
+
+    assert make().projector_layernorm is True  # the paper's (InternVL) projector is the default
+    make().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["projector_layernorm"] is True  # written even though it is the default
+    del saved["projector_layernorm"]  # a config from before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert GenieBlueConfig.from_pretrained(tmp_path).projector_layernorm is False
+
+
+def test_another_models_config_is_refused(tmp_path):
+    tiny_text_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="this is a 'qwen2' config, not a GenieBlue config"):
+        GenieBlueConfig.from_pretrained(tmp_path)
+
+
+def test_naflex_vision_tower_is_refused_clearly():
+    from transformers import Siglip2VisionConfig
+
+    with pytest.raises(ValueError, match="NaFlex tower"):
+        GenieBlueConfig(text_config=tiny_text_config(), vision_config=Siglip2VisionConfig(hidden_size=24))
+
+
+def test_siglip2_fixed_resolution_tower_is_a_siglip_config():
+    """Fixed-resolution SigLIP2 checkpoints (siglip2-so400m-patch14-384 and kin) use SigLIP's classes."""
+    vision = tiny_vision_config()
+    vision.image_size, vision.patch_size = 64, 16
+    config = GenieBlueConfig(text_config=tiny_text_config(), vision_config=vision)
+    assert config.image_tokens_per_tile == 4
+
+
+QWEN25_3B = dict(
+    hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+    vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+)
+SO400M_384 = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+    patch_size=14,
+)
+
+
+def test_defaults_reproduce_the_papers_table5_parameter_counts():
+    """Table 5 (Qwen2.5-3B + SigLIP-so400m-patch14-384): GenieBlue-Skip trains 1146.79M, full fine-tuning 3527.81M."""
+    import torch
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from genieblue_hf import GenieBlueForConditionalGeneration
+
+    config = GenieBlueConfig(text_config=Qwen2Config(**QWEN25_3B), vision_config=SiglipVisionConfig(**SO400M_384))
+    assert config.image_tokens_per_tile == 196
+    with torch.device("meta"):
+        model = GenieBlueForConditionalGeneration(config)
+    stage2 = model.configure_training(stage=2)
+    genieblue_skip = sum(v for k, v in stage2.items() if k != "language_model")
+    full_finetune = sum(p.numel() for p in (*model.vision_tower.parameters(), *model.multi_modal_projector.parameters(),
+                                            *model.language_model.parameters()))
+    assert abs(genieblue_skip / 1e6 - 1146.79) < 0.01, genieblue_skip
+    assert abs(full_finetune / 1e6 - 3527.81) < 0.01, full_finetune

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from genieblue_hf import GenieBlueForConditionalGeneration, lora_execution_mode
+from genieblue_hf import GenieBlueForConditionalGeneration
 
 from conftest import (
     TOKENS_PER_TILE, base_twin, image_row, left_pad, state_hash, text_batch, tiny_base, tiny_genieblue,
@@ -142,18 +142,21 @@ def test_mixed_batch_loss_covers_both_paths():
     assert torch.isfinite(out.loss) and torch.equal(out.loss, manual)
 
 
-def test_lora_modes_agree_and_never_write_the_base():
-    model = tiny_genieblue("qwen2")
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_lora_modes_agree_and_never_write_the_base(dtype, atol):
+    model = tiny_genieblue("qwen2", dtype=dtype)
     base_hash = state_hash(model.language_model)
     row, pixels = image_row(model)
     with torch.no_grad():
         unmerged = model(input_ids=row[None], pixel_values=pixels, lora_mode="unmerged").logits
         merged = model(input_ids=row[None], pixel_values=pixels, lora_mode="merged").logits
-        with lora_execution_mode("merged"):
-            merged_ctx = model(input_ids=row[None], pixel_values=pixels).logits
+        model.set_lora_execution_mode("merged")  # the setting; lora_mode= is its per-call override
+        merged_setting = model(input_ids=row[None], pixel_values=pixels).logits
+        assert torch.equal(model(input_ids=row[None], pixel_values=pixels, lora_mode="unmerged").logits, unmerged)
+    assert unmerged.dtype == merged.dtype == dtype
     assert not torch.equal(unmerged, model(input_ids=row[None].masked_fill(row[None] == 96, 5)).logits)
-    assert torch.allclose(unmerged, merged, atol=1e-5)
-    assert torch.equal(merged, merged_ctx)
+    assert torch.allclose(unmerged.float(), merged.float(), atol=atol)
+    assert torch.equal(merged, merged_setting)
     assert state_hash(model.language_model) == base_hash
 
 
@@ -293,7 +296,7 @@ def test_routing_errors_are_named():
 
 
 def test_lora_targets_that_match_nothing_are_named():
-    with pytest.raises(ValueError, match=r"match no nn.Linear in decoder layer 0; its linears are \['down_proj'"):
+    with pytest.raises(ValueError, match=r"match no nn.Linear in any decoder block; the linears of block 0 are \['down_proj'"):
         tiny_genieblue("qwen2", lora_target_modules=["query_key_value"])
 
 
@@ -421,7 +424,6 @@ def test_lora_mode_selectable_at_load(tmp_path):
     assert loaded.config.lora_execution_mode == "merged"
     row, pixels = image_row(model)
     with torch.no_grad():
-        view = loaded.multimodal_language_model()
-        assert {m.default_mode for m in view.modules() if type(m).__name__ == "LoraLinear"} == {"merged"}
-        assert torch.allclose(loaded(input_ids=row[None], pixel_values=pixels).logits,
-                              model(input_ids=row[None], pixel_values=pixels).logits, atol=1e-5)
+        merged = loaded(input_ids=row[None], pixel_values=pixels).logits
+        assert len(loaded._merged_weights._cache) > 0  # the merged tensors were built and used
+        assert torch.allclose(merged, model(input_ids=row[None], pixel_values=pixels).logits, atol=1e-5)

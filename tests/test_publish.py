@@ -25,7 +25,7 @@ def test_hub_folder_is_complete(published):
     names = {p.name for p in out.iterdir()}
     assert {"README.md", "config.json", "generation_config.json", "chat_template.jinja", "processor_config.json",
             "tokenizer.json", "modeling_genieblue.py", "configuration_genieblue.py", "processing_genieblue.py",
-            "image_processing_genieblue.py", "genieblue_view.py", "genieblue_lora.py", "genieblue_routing.py"} <= names
+            "image_processing_genieblue.py", "genieblue_dispatch.py", "genieblue_lora.py", "genieblue_routing.py"} <= names
     assert any(n.endswith(".safetensors") for n in names)
     assert not any(n == "adapter_config.json" for n in names)  # would make transformers treat the repo as PEFT
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging folder left behind

@@ -111,7 +111,7 @@ def test_text_path_concurrent_with_multimodal_requests():
     with torch.no_grad():
         expected_text = twin(input_ids=text_ids).logits
         expected_image = model(input_ids=row[None], pixel_values=pixels).logits
-    model.drop_multimodal_view()  # threads race to build the view and the merged weights
+    model.drop_multimodal_cache()  # threads race to build the plan and the merged weights
     failures = []
 
     def text_worker():

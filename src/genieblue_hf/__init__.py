@@ -31,7 +31,6 @@ from transformers import (  # noqa: E402
 )
 
 from .modeling.configuration_genieblue import GenieBlueConfig  # noqa: E402
-from .modeling.genieblue_lora import lora_execution_mode  # noqa: E402
 from .modeling.image_processing_genieblue import GenieBlueImageProcessor  # noqa: E402
 from .modeling.modeling_genieblue import GenieBlueForConditionalGeneration  # noqa: E402
 from .modeling.processing_genieblue import GenieBlueProcessor  # noqa: E402
@@ -49,5 +48,4 @@ __all__ = [
     "GenieBlueForConditionalGeneration",
     "GenieBlueImageProcessor",
     "GenieBlueProcessor",
-    "lora_execution_mode",
 ]

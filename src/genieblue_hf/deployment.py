@@ -38,7 +38,7 @@ INDEX = "model.safetensors.index.json"
 
 def _split_state_dict(model):
     tied = tied_keys(model.config)  # rebuilt from the input embeddings on load
-    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    state = {model.portable_key(k): v for k, v in model.state_dict().items() if k not in tied}
     base = {k: v for k, v in state.items() if k.startswith("language_model.")}
     rest = {k: v for k, v in state.items() if not k.startswith("language_model.")}
     return base, rest

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..modeling.genieblue_view import find_decoder_layers
+from ..modeling.genieblue_dispatch import find_decoder_layers
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 
 
@@ -84,7 +84,6 @@ def make_visual_experts(model):
                 setattr(parent, name, VisualExpertLinear(original, module))
             elif name.endswith("norm") and not list(module.children()):
                 setattr(parent, name, _Borrowed(original))
-    model.drop_multimodal_view()
     return model
 
 
