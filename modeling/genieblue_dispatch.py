@@ -264,6 +264,19 @@ def find_decoder_layers(language_model, num_layers):
     )
 
 
+@torch.no_grad()
+def copy_non_persistent_buffers(source, target):
+    """Give ``target`` (a replicated block) the non-persistent buffers of ``source`` (the base block it copies).
+
+    They are never saved and never trained (rotary tables, scales, FalconH1's ``mup_vector``), so a reloaded copy must
+    take them from the base; some bases initialise them from a parent module that only walks its own blocks."""
+    persistent = set(target.state_dict())
+    source_buffers = dict(source.named_buffers())
+    for name, buffer in target.named_buffers():
+        if name not in persistent and name in source_buffers:
+            buffer.copy_(source_buffers[name])
+
+
 def copy_decoder_layer(layer, config):
     """A trainable copy of a decoder block that still shares the base config object, with no hooks or dispatchers.
 

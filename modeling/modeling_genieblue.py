@@ -26,7 +26,8 @@ from transformers.utils import logging
 
 from .configuration_genieblue import LORA_EXECUTION_MODES, GenieBlueConfig
 from .genieblue_dispatch import (
-    MultimodalCall, PlanCache, checkpoint_context, copy_decoder_layer, find_decoder_layers, running,
+    MultimodalCall, PlanCache, checkpoint_context, copy_decoder_layer, copy_non_persistent_buffers, find_decoder_layers,
+    running,
 )
 from .genieblue_lora import LoraAdapter, LoraAdapterTree, MergedWeights, build_lora_adapters
 from .genieblue_routing import ROUTES, RouteRegistry, RoutedCache, select_rows, stitch_rows, stitch_tuples
@@ -143,9 +144,13 @@ class GenieBluePreTrainedModel(PreTrainedModel):
         """``PreTrainedModel.initialize_weights``, with the base LLM and the vision tower initialising exactly as they
         do when loaded on their own. transformers would otherwise hand GenieBlue's custom-code flag down to them,
         which skips parent modules whose parameters were all loaded, and with them the non-persistent buffers they
-        own (FalconH1's ``mup_vector``)."""
+        own (FalconH1's ``mup_vector``). Replicated blocks then take their non-persistent buffers from the base
+        blocks they copy."""
         for tower in (self.language_model, self.vision_tower):
             tower.initialize_weights()
+        _, base_layers = find_decoder_layers(self.language_model, self.config.text_config.num_hidden_layers)
+        for index, replica in self.replicated_layers.items():
+            copy_non_persistent_buffers(base_layers[int(index)], replica)
         self._replica_module_ids = {id(m) for m in self.replicated_layers.modules()}
         try:
             with init.guard_torch_init_functions():
@@ -677,16 +682,48 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         )
 
     # -- generation -----------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, *args, pixel_values=None, is_first_iteration=False, **kwargs):
-        """Pass ``pixel_values`` exactly when the images are consumed: while the KV cache is still empty (the
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """``GenerationMixin.generate``. Prompt-lookup decoding drafts tokens copied from the prompt, image
+        placeholders included, and keeps only drafts its logits processors allow. Over a prompt with images, the
+        placeholder id is therefore added to ``suppress_tokens`` (the multimodal path never selects it anyway), so no
+        draft crosses an image. A placeholder id outside the base vocabulary (GenieBlue's default) cannot be checked
+        that way, transformers indexes a vocabulary-sized tensor with each draft, and is refused with a clear error:
+        use a draft model (``assistant_model=``), or compose with a reserved in-vocabulary ``image_token_id``."""
+        config = generation_config if generation_config is not None else self.generation_config
+        lookup = kwargs.get("prompt_lookup_num_tokens") or getattr(config, "prompt_lookup_num_tokens", None)
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        image_id = self.config.image_token_id
+        if lookup and isinstance(input_ids, torch.Tensor) and bool(self.get_placeholder_mask(input_ids).any()):
+            if image_id >= self.config.text_config.vocab_size:
+                raise ValueError(
+                    f"prompt-lookup decoding cannot run over image placeholders with an id outside the base "
+                    f"vocabulary (image_token_id={image_id}, vocabulary {self.config.text_config.vocab_size}): "
+                    f"transformers' proposer indexes a vocabulary-sized tensor with every drafted token. Use "
+                    f"assistant_model=<a draft model>, or compose with a reserved in-vocabulary image_token_id"
+                )
+            suppressed = kwargs.get("suppress_tokens") or getattr(config, "suppress_tokens", None) or []
+            kwargs["suppress_tokens"] = sorted({*suppressed, image_id})
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, **kwargs):
+        """The base LLM's own ``prepare_inputs_for_generation`` (so text generation prepares its inputs exactly as the
+        base does: its cache type, ``logits_to_keep``, positions), plus GenieBlue's inputs.
+
+        ``pixel_values`` are passed exactly when the images are consumed: while the KV cache is still empty (the
         prefill, whoever runs it: assisted decoding runs an assistant's prefill as a later iteration), or at every
         step without a cache. An empty cache starts new sequences: generate may reuse one cache object across calls
-        (a reset StaticCache), so the routes recorded for it are forgotten."""
+        (a reset StaticCache), so the routes recorded for it are forgotten. A stateful base (a Mamba hybrid) builds
+        its own cache type when handed none, which older releases need."""
         cache = kwargs.get("past_key_values")
         fresh = cache is None or cache.get_seq_length() == 0
         if fresh and cache is not None:
             self._route_registry.forget(cache)
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+            if getattr(type(self.language_model), "_is_stateful", False):
+                kwargs["past_key_values"] = None
+        model_inputs = self.language_model.prepare_inputs_for_generation(*args, **kwargs)
+        for key in ("route", "lora_mode"):  # GenieBlue's own forward arguments, which a base's override may drop
+            if key in kwargs:
+                model_inputs[key] = kwargs[key]
         if fresh or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
         else:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A non-editable install, as a user gets from `pip install genieblue-hf`: build and install the package into a fresh
+# environment, then, from a folder outside the repository, import every subpackage, run the CLI's help, the README's
+# quick start and the demo model's check. Fails on the first error.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$repo/.venv-wheel"
+rm -rf "$venv"
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet "torch==2.13.0"
+"$venv/bin/python" -m pip install --quiet "$repo"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+export HF_HUB_OFFLINE=1
+"$venv/bin/python" - <<'PY'
+import importlib, pkgutil, genieblue_hf
+assert "site-packages" in genieblue_hf.__file__, genieblue_hf.__file__
+names = [m.name for m in pkgutil.walk_packages(genieblue_hf.__path__, "genieblue_hf.")]
+for name in names:
+    importlib.import_module(name)
+print("imported", len(names), "modules from", genieblue_hf.__file__)
+PY
+"$venv/bin/genieblue" --help > /dev/null
+for command in compose convert export-dense publish; do "$venv/bin/genieblue" "$command" --help > /dev/null; done
+"$venv/bin/python" "$repo/examples/quickstart.py"
+echo "wheel install OK"
