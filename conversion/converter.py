@@ -299,7 +299,7 @@ def convert(src, out, *, format=None, config=None, base=None, rest=None, process
     from .. import __version__
 
     src, out = Path(src), Path(out)
-    refuse_existing(out, overwrite, ConversionError)
+    refuse_existing(out, overwrite)
     fmt = format or detect_format(src)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -330,7 +330,7 @@ def convert(src, out, *, format=None, config=None, base=None, rest=None, process
         "source_format": fmt,
         "source_sha256": json.dumps(provenance, sort_keys=True),
     }
-    with atomic_output_dir(out, overwrite, ConversionError) as staging:
+    with atomic_output_dir(out, overwrite) as staging:
         weight_map = write_shards(staging, plan, dtypes, metadata, max_shard_size, allow_nonfinite)
         if not write_side_files(staging, genieblue_config, [processor, src if src.is_dir() else None, rest]):
             logger.warning("no tokenizer/processor files found; pass --processor DIR to include them")

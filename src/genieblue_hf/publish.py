@@ -145,7 +145,7 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise PublishError(f"{model_dir} is not a saved GenieBlue model folder (no config.json)")
-    refuse_existing(out_dir, overwrite, PublishError)
+    refuse_existing(out_dir, overwrite)
     if push and not repo_id:
         raise PublishError("--push needs --repo-id org/name")
     repo_id = repo_id or f"your-org/{model_dir.name}"
@@ -158,7 +158,7 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
     else:
         logger.warning("%s has no processor files; the Hub folder will hold the model only", model_dir)
 
-    with atomic_output_dir(out_dir, overwrite, PublishError) as staging:
+    with atomic_output_dir(out_dir, overwrite) as staging:
         if non_shared:
             from .deployment import write_non_shared
 
