@@ -8,7 +8,8 @@ At every moment the destination holds either the complete old output or the comp
 
 Staging and set-aside folders carry the writing process's id. SIGTERM raises ``KeyboardInterrupt`` inside the
 block (Ctrl-C already does), so both are cleaned up as for any failure; a process killed outright (SIGKILL) leaves
-them behind, and the next write to the same destination removes those of processes that are no longer running.
+them behind, and the next write to the same destination cleans up after processes that are no longer running: it
+removes their staging folders and puts back a previous output one had set aside if the destination is empty.
 """
 
 import logging
@@ -35,9 +36,11 @@ class OutputExistsError(FileExistsError):
         self.path = Path(path)
 
 
-def refuse_existing(out_dir, overwrite, error=None):
-    """Raise if ``out_dir`` exists and may not be replaced (call it before any slow work)."""
+def refuse_existing(out_dir, overwrite):
+    """Raise if ``out_dir`` exists and may not be replaced (call it before any slow work). Cleans up after
+    interrupted writers first (``remove_stale``), so a previous output they had set aside counts as existing."""
     out_dir = Path(out_dir)
+    remove_stale(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a folder; choose another output path")
     if out_dir.exists() and not overwrite:
@@ -55,17 +58,23 @@ def _pid_alive(pid):
 
 
 def remove_stale(out_dir):
-    """Remove staging and set-aside folders for ``out_dir`` left by processes that are no longer running."""
+    """Clean up after writers to ``out_dir`` that are no longer running (killed outright): their staging folders are
+    removed; a previous output they had set aside is put back if nothing took its place, else removed."""
     out_dir = Path(out_dir)
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.{_MARK}-(?:staging|old)-(\d+)-")
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.{_MARK}-(staging|old)-(\d+)-")
     if not out_dir.parent.is_dir():
         return []
     removed = []
-    for path in out_dir.parent.iterdir():
+    for path in sorted(out_dir.parent.iterdir()):
         match = pattern.match(path.name)
-        if match and path.is_dir() and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if not match or not path.is_dir() or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not out_dir.exists():
+            os.replace(path, out_dir)
+            logger.warning("restored %s, which an interrupted run had set aside", out_dir)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     if removed:
         logger.info("removed %d unfinished folder(s) of an interrupted run: %s", len(removed),
                     ", ".join(p.name for p in removed))
@@ -121,7 +130,6 @@ def atomic_output_dir(out_dir, overwrite=False):
     out_dir = Path(out_dir)
     refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir)
     staging = _sibling(out_dir, "staging")
     umask = os.umask(0)  # mkdtemp makes the folder private (0700); the output gets the usual permissions
     os.umask(umask)

@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from .atomic import atomic_output_dir, refuse_existing
+from .sources import ConversionError
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from ..modeling.processing_genieblue import GenieBlueProcessor
 
@@ -26,6 +27,12 @@ def compose(language_model, vision_model, output_dir, overwrite=False, max_shard
     When ``language_model`` is a folder with a tokenizer, a matching ``GenieBlueProcessor`` is saved too.
     """
     refuse_existing(output_dir, overwrite)
+    for what, path in (("--language-model", language_model), ("--vision-model", vision_model)):
+        if isinstance(path, (str, os.PathLike)) and not (Path(path) / "config.json").is_file():
+            raise ConversionError(
+                f"{what} {path} is not a local model folder with a config.json (download Hub models first, e.g. "
+                f"`hf download org/name --local-dir DIR`)"
+            )
     model = GenieBlueForConditionalGeneration.from_base(language_model, vision_model, **config_overrides)
     processor = None
     if isinstance(language_model, (str, os.PathLike)) and any(

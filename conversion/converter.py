@@ -62,15 +62,43 @@ def detect_format(src):
 
 
 def load_config(path):
+    """The GenieBlue config in ``path`` (a ``config.json`` or its folder), checked before any tensor is read."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise ConversionError(f"no GenieBlue config at {path}; pass --config DIR_OR_JSON")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot read {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} must hold a JSON object, got a {type(data).__name__}")
     if data.get("model_type") != GenieBlueConfig.model_type:
         raise ConversionError(f"{path} is a {data.get('model_type')!r} config, not a GenieBlue config")
-    return GenieBlueConfig.from_dict(data)
+    try:
+        return GenieBlueConfig.from_dict(data)
+    except Exception as error:  # sub-config classes validate with their own error types
+        raise ConversionError(f"{path} is not a valid GenieBlue config: {' '.join(str(error).split())}") from None
+
+
+def require_genieblue_folder(folder, what="the model folder"):
+    """A saved GenieBlue folder's config, or a clear error (missing, not a folder, not GenieBlue) before any loading."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ConversionError(f"{what} {folder} does not exist (a local folder is expected; download Hub repos first)")
+    if not folder.is_dir():
+        raise ConversionError(f"{what} {folder} is not a folder")
+    return load_config(folder)
+
+
+def check_finite(key, tensor, allow_nonfinite=False):
+    """Trained tensors must hold no NaN/Inf (the base is taken as it is)."""
+    if part_of(key) in TRAINED_PARTS and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        message = f"tensor {key} holds NaN or Inf values"
+        if not allow_nonfinite:
+            raise ConversionError(message + " (pass --allow-nonfinite to write it anyway)")
+        logger.warning(message)
 
 
 def expected_tensors(config):
@@ -83,7 +111,14 @@ def expected_tensors(config):
 
 
 def _peft_source(src, config, rest):
-    adapter_config = json.loads((src / "adapter_config.json").read_text())
+    if not (src / "adapter_config.json").is_file():
+        raise ConversionError(f"--format peft needs a PEFT adapter folder; {src} has no adapter_config.json")
+    try:
+        adapter_config = json.loads((src / "adapter_config.json").read_text())
+    except ValueError as error:
+        raise ConversionError(f"cannot read {src / 'adapter_config.json'}: {error}") from None
+    if not isinstance(adapter_config, dict):
+        raise ConversionError(f"{src / 'adapter_config.json'} must hold a JSON object")
     for field, ours in (("r", config.lora_rank), ("lora_alpha", config.lora_alpha),
                         ("use_rslora", config.use_rslora)):
         theirs = adapter_config.get(field, False if field == "use_rslora" else None)
@@ -179,11 +214,7 @@ def _materialise(key, provider, out_dtype, allow_nonfinite):
     tensor = provider.get(key)
     if tensor.dtype != out_dtype:
         tensor = tensor.to(out_dtype)
-    if part_of(key) in TRAINED_PARTS and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        message = f"tensor {key} holds NaN or Inf values"
-        if not allow_nonfinite:
-            raise ConversionError(message + " (pass --allow-nonfinite to write it anyway)")
-        logger.warning(message)
+    check_finite(key, tensor, allow_nonfinite)
     return tensor.contiguous()
 
 
@@ -239,6 +270,13 @@ def write_shards(folder, plan, dtypes, metadata, max_shard_size, allow_nonfinite
     return split.tensor_to_filename
 
 
+def same_bits(a, b):
+    """Bit-for-bit equality (NaN equals a NaN of the same bits, which ``torch.equal`` never says)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def verify_output(folder, plan, dtypes, weight_map, base_path):
     """Every written tensor equals its source; the text path of the result equals the base, bit for bit."""
     mismatched = []
@@ -246,13 +284,14 @@ def verify_output(folder, plan, dtypes, weight_map, base_path):
         with safe_open(str(folder / filename), framework="pt") as handle:
             for key in handle.keys():
                 expected = plan[key].get(key).to(dtypes[key])
-                if not torch.equal(handle.get_tensor(key), expected):
+                if not same_bits(handle.get_tensor(key), expected):
                     mismatched.append(key)
     if mismatched:
         raise ConversionError(f"written tensors differ from the source: {mismatched}")
     model = GenieBlueForConditionalGeneration.from_pretrained(folder, dtype="auto").eval()
     if base_path is not None:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto").eval()
+        # the base as a user loads it in the converted text path's dtype (buffers such as rotary tables keep theirs)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=model.language_model.dtype).eval()
     else:
         base = type(model.language_model)(model.language_model.config)
         prefix = "language_model."
@@ -263,7 +302,10 @@ def verify_output(folder, plan, dtypes, weight_map, base_path):
             raise ConversionError(f"the base tensors do not build {type(base).__name__}: missing "
                                   f"{sorted(set(loaded.missing_keys) - tied)}, unexpected {loaded.unexpected_keys}")
         base.tie_weights()
-        base.to(model.language_model.dtype).eval()
+        dtype = model.language_model.dtype
+        for param in base.parameters():  # parameters only: buffers (rotary tables) keep their dtype, as on load
+            param.data = param.data.to(dtype)
+        base.eval()
     base.set_attn_implementation(model.language_model.config._attn_implementation)
     vocab = model.config.text_config.vocab_size
     input_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -277,9 +319,14 @@ def write_side_files(staging, config, processor_sources=()):
     """Config, generation config and remote code; tokenizer/processor files from the first source that has them."""
     config.save_pretrained(staging)
     GenerationConfig.from_model_config(config).save_pretrained(staging)
-    for name in REMOTE_CODE_FILES:
-        shutil.copy(REMOTE_CODE_DIR / name, staging / name)
+    copy_remote_code(staging)
     return any(copy_processor_files(folder, staging) for folder in processor_sources)
+
+
+def copy_remote_code(destination):
+    """Every remote-code file ``config.auto_map`` may name (model, config, processor, image processor)."""
+    for name in REMOTE_CODE_FILES:
+        shutil.copy(REMOTE_CODE_DIR / name, Path(destination) / name)
 
 
 def copy_processor_files(folder, destination):
@@ -292,6 +339,13 @@ def copy_processor_files(folder, destination):
     return bool(present)
 
 
+def _provenance(sources):
+    """``{"role:path": sha256}`` of every file read. Hashed before the tensors are read and again after the output is
+    written: equal hashes mean the recorded ones are of the bytes actually read."""
+    return {f"{role}:{path}": digest for role, source in sources.items() if source is not None
+            for path, digest in source.provenance().items()}
+
+
 def convert(src, out, *, format=None, config=None, base=None, rest=None, processor=None, key_map=(), dtype=None,
             cast_base=False, max_shard_size="2GB", verify=True, overwrite=False, allow_nonfinite=False,
             allow_base_drift=False):
@@ -300,6 +354,9 @@ def convert(src, out, *, format=None, config=None, base=None, rest=None, process
 
     src, out = Path(src), Path(out)
     refuse_existing(out, overwrite)
+    for option, value in (("--base", base), ("--rest", rest), ("--processor", processor), ("--config", config)):
+        if value is not None and not Path(value).exists():
+            raise ConversionError(f"{option} {value} does not exist")
     fmt = format or detect_format(src)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -323,7 +380,8 @@ def convert(src, out, *, format=None, config=None, base=None, rest=None, process
     if len(base_dtypes) == 1:
         genieblue_config.dtype = base_dtypes.pop()
 
-    provenance = {str(Path(p).name): h for s in (source, base_source) if s is not None for p, h in s.provenance().items()}
+    sources = {"checkpoint": source, "base": base_source}
+    provenance = _provenance(sources)
     metadata = {
         "format": "pt",
         "genieblue_converter": __version__,
@@ -336,8 +394,10 @@ def convert(src, out, *, format=None, config=None, base=None, rest=None, process
             logger.warning("no tokenizer/processor files found; pass --processor DIR to include them")
         if verify:
             verify_output(staging, plan, dtypes, weight_map, base)
+        if _provenance(sources) != provenance:
+            raise ConversionError("a source file changed while it was being converted; convert it again")
     logger.info("converted %s (%s, %d tensors) into %s", src, fmt, len(plan), out)
     return out
 
 
-__all__ = ["convert", "detect_format", "ConversionError", "FORMATS", "PARTS"]
+__all__ = ["convert", "detect_format", "ConversionError", "FORMATS", "PARTS", "require_genieblue_folder", "check_finite"]

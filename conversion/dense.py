@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_output_dir, refuse_existing
-from .converter import copy_processor_files
+from .converter import copy_processor_files, copy_remote_code, require_genieblue_folder
 from ..modeling.configuration_genieblue import DENSE, GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from ..modeling.genieblue_dispatch import find_decoder_layers, strip_dispatch
@@ -58,12 +58,15 @@ def export_dense(model, out_dir, language_model_only=False, overwrite=False, max
     source_dir = None
     if not isinstance(model, GenieBlueForConditionalGeneration):
         source_dir = Path(model)
+        require_genieblue_folder(source_dir)
         model = GenieBlueForConditionalGeneration.from_pretrained(source_dir)
     if model.config.is_dense:
         raise ValueError("the model is already a dense export")
     target = dense_language_model(model) if language_model_only else dense_model(model)
     with atomic_output_dir(out_dir, overwrite) as staging:
         target.save_pretrained(staging, max_shard_size=max_shard_size)
+        if not language_model_only:  # config.auto_map names the processor's remote code too
+            copy_remote_code(staging)
         copy_processor_files(source_dir, staging)  # keep the tokenizer/processor next to the weights
     logger.info("dense export (%s) written to %s", type(target).__name__, out_dir)
     return out_dir

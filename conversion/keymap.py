@@ -27,6 +27,9 @@ PEFT adapters (``adapter_model.safetensors``) trained on the language model use
 to ``language_model.<key>`` (``base_key``). ``--key-map 'REGEX=REPLACEMENT'`` adds rules for other layouts.
 """
 
+import re
+
+
 PARTS = ("vision_tower", "multi_modal_projector", "language_model", "replicated_layers", "lora")
 TRAINED_PARTS = ("vision_tower", "multi_modal_projector", "replicated_layers", "lora")
 
@@ -66,6 +69,10 @@ def parse_key_map(items):
         pattern, sep, replacement = item.partition("=")
         if not sep or not pattern:
             raise ValueError(f"--key-map takes REGEX=REPLACEMENT, got {item!r}")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"--key-map {item!r}: {pattern!r} is not a valid regular expression ({error})") from None
         rules.append((pattern, replacement))
     return rules
 

@@ -109,6 +109,12 @@ class TorchFileSource(TensorSource):
                 state = state["model"]
             if not isinstance(state, dict):
                 raise ConversionError(f"{path} does not hold a state dict (got {type(state).__name__})")
+            bad_keys = [key for key in state if not isinstance(key, str)]
+            if bad_keys:
+                raise ConversionError(
+                    f"{path} is not a state dict: its keys must be parameter names, got {type(bad_keys[0]).__name__} "
+                    f"keys such as {bad_keys[0]!r}"
+                )
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     self._tensors[key] = value
@@ -124,19 +130,72 @@ class TorchFileSource(TensorSource):
         return self._tensors[key]
 
 
+# What a torch.distributed.checkpoint ``.metadata`` pickle may name: DCP's own metadata classes and the plain values
+# they hold. Anything else (a ``__reduce__`` payload calling os.system, say) is refused before it runs.
+_DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # every class of DCP's metadata module
+    "torch.distributed.checkpoint.planner": None,
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, resolving only the globals DCP's metadata is made of."""
+
+    def find_class(self, module, name):
+        allowed = _DCP_METADATA_GLOBALS.get(module, ())
+        if allowed is None or name in allowed or (module == "torch" and _is_torch_dtype_like(name)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's metadata")
+
+
+def _is_torch_dtype_like(name):
+    value = getattr(torch, name, None)
+    return isinstance(value, (torch.dtype, torch.layout, torch.memory_format))
+
+
+def _safe_reader(folder):
+    """torch's ``FileSystemReader`` reading ``.metadata`` with ``_MetadataUnpickler`` instead of ``pickle.load``
+    (torch unpickles it unrestricted, so a crafted checkpoint could run code)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            path = Path(folder) / ".metadata"
+            with open(path, "rb") as handle:
+                try:
+                    metadata = _MetadataUnpickler(handle).load()
+                except pickle.UnpicklingError as error:
+                    raise ConversionError(f"{path} is not a plain distributed-checkpoint index: {error}") from None
+                except Exception as error:  # truncated or corrupt pickles raise many types
+                    raise ConversionError(f"cannot read {path}: corrupt or not a distributed checkpoint ({error})"
+                                          ) from None
+            if not isinstance(metadata, Metadata):
+                raise ConversionError(f"{path} holds a {type(metadata).__name__}, not distributed-checkpoint metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(str(folder))
+
+
 class DistributedCheckpointSource(TensorSource):
-    """A ``torch.distributed.checkpoint`` folder (what FSDP's ``dcp.save`` writes), read without a process group."""
+    """A ``torch.distributed.checkpoint`` folder (what FSDP's ``dcp.save`` writes), read without a process group.
+    Its ``.metadata`` index is read with a restricted unpickler; tensors with ``torch.load(weights_only=True)``."""
 
     def __init__(self, folder):
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.folder = Path(folder)
         self.files = sorted(p for p in self.folder.iterdir() if p.is_file())
-        try:
-            metadata = FileSystemReader(str(self.folder)).read_metadata()
-        except Exception as error:  # torch raises various types for a damaged .metadata
-            raise ConversionError(f"cannot read the distributed checkpoint in {self.folder}: {error}") from None
+        metadata = _safe_reader(self.folder).read_metadata()
         self._meta = {
             key: (tuple(item.size), item.properties.dtype)
             for key, item in metadata.state_dict_metadata.items()
@@ -151,12 +210,13 @@ class DistributedCheckpointSource(TensorSource):
 
     def get(self, key):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
 
         shape, dtype = self._meta[key]
         target = {key: torch.empty(shape, dtype=dtype)}
         try:
-            dcp.load(target, storage_reader=FileSystemReader(str(self.folder)), no_dist=True)
+            dcp.load(target, storage_reader=_safe_reader(self.folder), no_dist=True)
+        except ConversionError:
+            raise
         except Exception as error:
             raise ConversionError(f"cannot read tensor {key} from {self.folder}: {error}") from None
         return target[key]
@@ -222,6 +282,22 @@ class MergedSource(TensorSource):
         return self._owner[key].get(key)
 
 
+def read_weight_map(index):
+    """The ``weight_map`` of a sharded checkpoint's index file, checked to be ``{tensor name: shard file}``."""
+    try:
+        data = json.loads(Path(index).read_text())
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot read the checkpoint index {index}: {error}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ConversionError(f"{index} has no weight_map of tensor names to shard files")
+    if any(Path(v).is_absolute() or ".." in Path(v).parts for v in weight_map.values()):
+        raise ConversionError(f"{index} names shard files outside its folder")
+    return weight_map
+
+
 def open_weights(path):
     """A source for a model folder or file: safetensors (sharded or not) or PyTorch pickles."""
     path = Path(path)
@@ -235,7 +311,7 @@ def open_weights(path):
                                ("pytorch_model.bin.index.json", TorchFileSource)):
         index = path / index_name
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = sorted(set(read_weight_map(index).values()))
             missing = [f for f in files if not (path / f).is_file()]
             if missing:
                 raise ConversionError(f"{index} lists shards that are missing: {missing}")

@@ -20,6 +20,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -47,12 +51,22 @@ def best_tile_grid(width, height, max_tiles, tile_size):
     return best
 
 
+def _first_frame(image, source):
+    """An animated image (GIF, APNG, WebP) is used as its first frame; say so, since the rest is dropped."""
+    frames = getattr(image, "n_frames", 1)
+    if getattr(image, "is_animated", False) and frames > 1:
+        logger.warning("%s is an animated image with %d frames: only its first frame is used", source, frames)
+        image.seek(0)
+    return image
+
+
 def load_image(image):
     """A PIL image from a PIL image, a path, bytes, a numpy array or a torch tensor, EXIF orientation applied."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         try:
             with Image.open(path) as opened:
+                _first_frame(opened, path)
                 opened.load()
                 image = ImageOps.exif_transpose(opened)
                 image.load()
@@ -64,12 +78,13 @@ def load_image(image):
     if isinstance(image, (bytes, bytearray)):
         try:
             with Image.open(io.BytesIO(image)) as opened:
+                _first_frame(opened, "image bytes")
                 opened.load()
                 return ImageOps.exif_transpose(opened).copy()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"cannot decode image bytes: corrupt, truncated or not an image ({error})") from None
     if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(_first_frame(image, "the image"))
     if isinstance(image, torch.Tensor):
         return _array_to_pil(image.detach().cpu())
     if hasattr(image, "__array__"):  # numpy and other array-protocol objects, copied (they may be read-only)
@@ -112,11 +127,13 @@ def to_rgb(image):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # high bit depth: scale to 8 bits
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # high bit depth: scale to 8 bits by the bit depth
+        # Pillow opens 16-bit greyscale (PNG, TIFF) as "I;16" or "I" and float images as "F" (taken as 0..1); the
+        # scale is the format's full range, never the image's own brightest pixel.
+        full_range = 1.0 if image.mode == "F" else 65535.0
         width, height = image.size
         values = torch.frombuffer(bytearray(image.convert("F").tobytes()), dtype=torch.float32).view(height, width)
-        peak = float(values.max()) if values.numel() and float(values.max()) > 255 else 255.0
-        image = _uint8_to_pil((values / peak * 255.0).clamp(0, 255).to(torch.uint8))
+        image = _uint8_to_pil(torch.round(values / full_range * 255.0).clamp(0, 255).to(torch.uint8))
     return image.convert("RGB")
 
 

@@ -1,6 +1,7 @@
 """genieblue convert / compose: every training-checkpoint format round-trips; bad input fails cleanly."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -324,3 +325,127 @@ def test_conversion_memory_is_bounded_by_the_shard_size(tmp_path):
     # bound is two shards, far below the model itself
     print("conversion peak growth MB", growth)
     assert growth < 2 * shard_mb and growth < model_mb / 4, (growth, model_mb)
+
+
+# -- data safety ----------------------------------------------------------------------------------------------------
+
+
+def test_nonfinite_allowed_output_verifies(trained, tmp_path):
+    """--allow-nonfinite writes NaN weights and verification compares bits (NaN never equals NaN numerically)."""
+    model, state = trained
+    ckpt = broken_checkpoint(model, {k: v.clone() for k, v in state.items()}, tmp_path / "ckpt",
+                             lambda t: t["lora.1.mlp.down_proj.lora_B"].fill_(float("nan")))
+    out = convert(ckpt, tmp_path / "out", allow_nonfinite=True)  # verify=True
+    loaded = GenieBlueForConditionalGeneration.from_pretrained(out)
+    assert torch.isnan(loaded.lora["1"].mlp.down_proj.lora_B).all()
+
+
+def test_cast_base_to_bf16_verifies(trained, tmp_path):
+    model, _ = trained
+    ckpt, base = tmp_path / "ckpt", tmp_path / "base"
+    model.save_pretrained(ckpt)
+    model.language_model.save_pretrained(base)
+    out = convert(ckpt, tmp_path / "out", base=base, dtype="bf16", cast_base=True)  # verify=True
+    loaded = GenieBlueForConditionalGeneration.from_pretrained(out, dtype="auto")
+    assert loaded.language_model.dtype == torch.bfloat16
+
+
+def test_provenance_names_each_source_file_by_role(trained, tmp_path):
+    model, _ = trained
+    ckpt, base = tmp_path / "ckpt", tmp_path / "base"
+    model.save_pretrained(ckpt)
+    model.language_model.save_pretrained(base)
+    out = convert(ckpt, tmp_path / "out", base=base, verify=False)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        provenance = json.loads(handle.metadata()["source_sha256"])
+    from genieblue_hf.conversion.sources import sha256_of
+
+    assert provenance == {f"checkpoint:{ckpt / 'model.safetensors'}": sha256_of(ckpt / "model.safetensors"),
+                          f"base:{base / 'model.safetensors'}": sha256_of(base / "model.safetensors")}
+
+
+def test_a_source_changed_while_converting_is_an_error(trained, tmp_path, monkeypatch):
+    model, _ = trained
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    real_write = convert_module.write_shards
+
+    def write_then_touch(*args, **kwargs):
+        result = real_write(*args, **kwargs)
+        with open(ckpt / "model.safetensors", "ab") as handle:
+            handle.write(b"x")  # another process appends to the checkpoint mid-conversion
+        return result
+
+    monkeypatch.setattr(convert_module, "write_shards", write_then_touch)
+    with pytest.raises(ConversionError, match="changed while it was being converted"):
+        convert(ckpt, tmp_path / "out", verify=False)
+    no_leftovers(tmp_path / "out")
+
+
+@pytest.mark.parametrize("failing_step", ["rename-in", "delete-old", "interrupt-between"])
+def test_overwrite_keeps_a_complete_output_at_every_step(tmp_path, monkeypatch, failing_step):
+    """Fault injection into the swap: the path always holds the complete old or the complete new output."""
+    import os
+    import shutil
+
+    from genieblue_hf.conversion import atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(20):
+        (out / f"old-{i}.txt").write_text("old")
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+    calls = []
+
+    def replace(src, dst):
+        calls.append(("replace", Path(src).name, Path(dst).name))
+        if Path(dst) == out and "staging" in Path(src).name:
+            if failing_step == "rename-in":
+                raise OSError(28, "No space left on device")
+            if failing_step == "interrupt-between":
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        if failing_step == "delete-old" and ".genieblue-old-" in Path(path).name:
+            raise PermissionError(13, "Permission denied")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
+    try:
+        with atomic.atomic_output_dir(out, overwrite=True) as staging:
+            for i in range(5):
+                (staging / f"new-{i}.txt").write_text("new")
+    except (OSError, KeyboardInterrupt):
+        pass
+    names = sorted(p.name for p in out.iterdir())
+    if failing_step == "delete-old":
+        assert names == [f"new-{i}.txt" for i in range(5)]  # the new output is in place
+    else:
+        assert names == sorted(f"old-{i}.txt" for i in range(20))  # the old output is back, whole
+    assert not [p for p in tmp_path.iterdir() if ".genieblue-staging-" in p.name]
+
+
+class ReducePayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_distributed_checkpoint_metadata_cannot_run_code(trained, tmp_path):
+    """A .metadata pickle with a __reduce__ payload is refused before anything runs (convert and detect both)."""
+    import pickle
+
+    model, _ = trained
+    folder = save_config(model, tmp_path / "ckpt")
+    marker = tmp_path / "payload-ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(ReducePayload(marker)))
+    with pytest.raises(ConversionError, match="refusing to load posix.system"):
+        convert(folder, tmp_path / "out")
+    assert not marker.exists()
+    no_leftovers(tmp_path / "out")

@@ -272,3 +272,25 @@ def test_readme_demo_runs():
     completed = run_example(sys.executable, "quickstart.py")
     assert "text path equals the base LLM, bit for bit: True" in completed.stderr
     assert "image questions answered correctly:" in completed.stderr  # the packaged demo model (genieblue_hf.demo)
+
+
+def test_trainer_with_gradient_checkpointing_on_batches_mixing_image_and_text_rows(tiny, tmp_path):
+    """A JSONL with an image conversation and a text-only one, batched together, trains with checkpointing."""
+    model, processor = tiny
+    base_hash = state_hash(model.language_model)
+    shape_image("red", "circle").save(tmp_path / "red.png")
+    lines = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+              "images": ["red.png"]},
+             {"messages": [{"role": "user", "content": "the quick brown fox"},
+                           {"role": "assistant", "content": "jumps over the lazy dog"}]}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    model.configure_training(stage=2)
+    trainer = Trainer(model=model, args=args_for(tmp_path, steps=2, per_device_train_batch_size=2,
+                                                 gradient_checkpointing=True),
+                      train_dataset=ConversationDataset(tmp_path / "data.jsonl"),
+                      data_collator=ConversationCollator(processor))
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert state_hash(model.language_model) == base_hash

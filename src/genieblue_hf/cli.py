@@ -1,4 +1,8 @@
-"""``genieblue`` command line: compose, convert, export and publish GenieBlue Hub folders; ``bench paper``."""
+"""genieblue: compose, convert, export and publish GenieBlue Hub folders; run the paper in miniature.
+
+Every command reads local folders and writes its output atomically: a failure leaves the previous output (or none).
+Mistakes are reported in one line (exit code 1); --traceback shows where an unexpected error came from.
+"""
 
 import argparse
 import logging
@@ -13,7 +17,7 @@ def _publish(args):
     publish(
         args.model_dir, args.out_dir, repo_id=args.repo_id, push=args.push, overwrite=args.overwrite,
         license=args.license, base_model=args.base_model, max_shard_size=args.max_shard_size,
-        non_shared=args.non_shared,
+        non_shared=args.non_shared, allow_nonfinite=args.allow_nonfinite,
     )
 
 
@@ -59,7 +63,9 @@ def _bench_paper(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="genieblue", description=__doc__)
+    parser = argparse.ArgumentParser(prog="genieblue", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     publish = commands.add_parser("publish", help="assemble a Hub folder with a model card; optionally push it")
@@ -71,6 +77,7 @@ def build_parser():
     publish.add_argument("--license", default="apache-2.0")
     publish.add_argument("--base-model", help="Hub id of the base LLM, for the card metadata")
     publish.add_argument("--max-shard-size", default="2GB")
+    publish.add_argument("--allow-nonfinite", action="store_true", help="warn instead of failing on NaN/Inf weights")
     publish.add_argument("--non-shared", action="store_true",
                          help="put the base LLM in language_model/ so text-only users can fetch it alone")
     publish.set_defaults(func=_publish)
@@ -131,15 +138,30 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     hf_logging.set_verbosity_warning()
+    log = logging.getLogger("genieblue")
+    from .conversion.atomic import OutputExistsError
     from .publish import PublishError
 
     try:
         args.func(args)
-    except (PublishError, FileExistsError, ValueError) as error:  # ConversionError is a ValueError
-        logging.getLogger("genieblue").error("%s", error)
+    except KeyboardInterrupt:
+        log.error("interrupted: nothing was written (unfinished output was removed)")
+        return 130
+    except OutputExistsError as error:
+        log.error("%s already exists; pass --overwrite to replace it", error.path)
+        return 1
+    except (ValueError, OSError, PublishError, ImportError, NotImplementedError) as error:
+        # ConversionError is a ValueError; a full disk, a read-only folder or a bad path is an OSError
+        log.error("%s", error)
+        return 1
+    except Exception as error:
+        if args.traceback:
+            raise
+        log.error("unexpected %s: %s (rerun with --traceback to see where)", type(error).__name__, error)
         return 1
     return 0
 

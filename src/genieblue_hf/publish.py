@@ -11,7 +11,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers import AutoProcessor
 
 from .conversion.atomic import atomic_output_dir, refuse_existing
-from .conversion.converter import PROCESSOR_FILES
+from .conversion.converter import PROCESSOR_FILES, check_finite, require_genieblue_folder
 from .modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 
 
@@ -140,11 +140,10 @@ sequence and kept for all of its decoding steps.
 
 
 def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, license="apache-2.0", base_model=None,
-            max_shard_size="2GB", non_shared=False):
+            max_shard_size="2GB", non_shared=False, allow_nonfinite=False):
     """Write a complete Hub folder for ``model_dir`` into ``out_dir`` (and push it when ``push``)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / "config.json").is_file():
-        raise PublishError(f"{model_dir} is not a saved GenieBlue model folder (no config.json)")
+    require_genieblue_folder(model_dir)
     refuse_existing(out_dir, overwrite)
     if push and not repo_id:
         raise PublishError("--push needs --repo-id org/name")
@@ -152,6 +151,8 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
 
     logger.info("loading %s", model_dir)
     model = GenieBlueForConditionalGeneration.from_pretrained(model_dir)
+    for key, tensor in model.state_dict().items():  # as convert does: trained weights must be finite
+        check_finite(key, tensor, allow_nonfinite)
     processor = None
     if any((model_dir / name).is_file() for name in PROCESSOR_FILES if name.endswith("config.json")):
         processor = AutoProcessor.from_pretrained(model_dir)
