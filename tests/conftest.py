@@ -42,8 +42,8 @@ def tiny_text_config(kind="qwen2", **overrides):
     return config_class(**kwargs)
 
 
-def tiny_vision_config():
-    return SiglipVisionConfig(
+def tiny_vision_config(**overrides):
+    kwargs = dict(
         hidden_size=24,
         intermediate_size=48,
         num_hidden_layers=2,
@@ -52,6 +52,8 @@ def tiny_vision_config():
         patch_size=4,
         vision_use_head=False,
     )
+    kwargs.update(overrides)
+    return SiglipVisionConfig(**kwargs)
 
 
 def tiny_base(kind="qwen2", seed=0, **text_overrides):

@@ -9,7 +9,7 @@ import torch
 
 from genieblue_hf.quantization import is_quantized, quantize_language_model, quantize_like_paper, storage_bytes
 
-from conftest import base_twin, image_row, text_batch, tiny_genieblue
+from conftest import base_twin, image_row, perturb_multimodal, text_batch, tiny_base, tiny_genieblue, tiny_vision_config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
@@ -64,3 +64,67 @@ def test_quantization_report_runs():
     assert report["text_path_equals_quantized_base"] is True
     assert report["storage_mb"]["language_model"]["ratio"] < 1
     assert 0 <= report["multimodal_path"]["greedy_agreement"] <= 1
+
+
+def _saved(tmp_path):
+    # widths in multiples of 64: bitsandbytes' CPU backend packs 4-bit weights in blocks of 64 input features on CPUs
+    # with AVX512-BF16 (and takes another path on the others); real models' widths always are
+    from transformers import SiglipVisionModel
+
+    from genieblue_hf import GenieBlueForConditionalGeneration
+
+    base = tiny_base("qwen2", hidden_size=64, intermediate_size=128)
+    torch.manual_seed(100)
+    vision = SiglipVisionModel(tiny_vision_config(hidden_size=64, intermediate_size=128)).eval()
+    model = GenieBlueForConditionalGeneration.from_base(base, vision).eval()
+    perturb_multimodal(model)
+    model.save_pretrained(tmp_path / "genieblue")
+    model.language_model.save_pretrained(tmp_path / "base")
+    return model
+
+
+def test_4bit_bitsandbytes_load_keeps_the_text_path_the_4bit_base(tmp_path):
+    """QLoRA's load: a published GenieBlue in 4 bits (bitsandbytes, CPU backend here); the text path is the base
+    loaded alone with the same quantization; merged LoRA mode refuses 4-bit base weights with a clear error."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from genieblue_hf import GenieBlueForConditionalGeneration
+
+    _saved(tmp_path)
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = GenieBlueForConditionalGeneration.from_pretrained(tmp_path / "genieblue", quantization_config=four_bit)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=four_bit).eval()
+    model.eval()
+    assert type(model.language_model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    text = text_batch()
+    row, pixels = image_row(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=text).logits, base(input_ids=text).logits)
+        assert torch.isfinite(model(input_ids=row[None], pixel_values=pixels).logits).all()
+        with pytest.raises(NotImplementedError, match="merged LoRA mode needs the base weights in a dense or torchao"):
+            model(input_ids=row[None], pixel_values=pixels, lora_mode="merged")
+    counts = model.configure_training(stage=2)  # 4-bit weights stay frozen, float ones (LoRA, norms) train
+    assert counts["lora"] > 0 and counts["language_model"] == 0
+
+
+def test_torchao_load_keeps_the_text_path_the_quantized_base(tmp_path):
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from genieblue_hf import GenieBlueForConditionalGeneration
+
+    _saved(tmp_path)
+    config = TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(8)))
+    model = GenieBlueForConditionalGeneration.from_pretrained(tmp_path / "genieblue", quantization_config=config)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config).eval()
+    model.eval()
+    assert is_quantized(model.language_model.model.layers[0].mlp.up_proj.weight)
+    text = text_batch()
+    row, pixels = image_row(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=text).logits, base(input_ids=text).logits)
+        unmerged = model(input_ids=row[None], pixel_values=pixels).logits
+        merged = model(input_ids=row[None], pixel_values=pixels, lora_mode="merged").logits
+    assert torch.allclose(unmerged, merged, atol=1e-4)
