@@ -282,9 +282,10 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
             "replicated_layers": stage == 2,
             "lora": stage == 2,
         }
-        for part, flag in trainable.items():
-            getattr(self, part).requires_grad_(flag)
-        self.language_model.requires_grad_(bool(shared_base))
+        for part, flag in {**trainable, "language_model": bool(shared_base)}.items():
+            for param in getattr(self, part).parameters():
+                # quantized weights (a 4-bit QLoRA load) are integers and stay frozen; train adapters on them
+                param.requires_grad_(flag and (param.is_floating_point() or param.is_complex()))
         self._shared_base = bool(shared_base)
         counts = self.trainable_parameters()
         logger.info("GenieBlue stage %d trainable parameters: %s", stage, counts)
@@ -453,7 +454,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
             return_dict=True,
         )
         features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
-        projected = self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        projected = self.multi_modal_projector(features.to(_floating_dtype(self.multi_modal_projector, features.dtype)))
         result = BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=projected,
@@ -581,7 +582,8 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
             self._check_base_frozen()
         common = dict(
             attention_mask=attention_mask, position_ids=position_ids, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs,
+            logits_to_keep=_kept_positions(logits_to_keep, input_ids if input_ids is not None else inputs_embeds),
+            **kwargs,
         )
         if not routes.any():
             outputs = self._text_forward(input_ids, inputs_embeds, past_key_values, **common)
@@ -743,6 +745,25 @@ def portable_key(key, vision_model_type):
     ):
         return prefix + "vision_model." + key[len(prefix):]
     return key
+
+
+def _kept_positions(logits_to_keep, inputs):
+    """``logits_to_keep=k`` as the index tensor of the last ``k`` positions (transformers' documented alternative).
+
+    The base slices ``hidden_states[:, -k:]``; with ``k=1`` at prefill that view has strides torch's matmul cannot
+    fold into one ``mm``, and when the LM head's weight does not require grad (a frozen base) torch 2.13 takes a
+    batched path that copies the whole transposed weight: 2.7 s per prefill for a 151936-token vocabulary on a CPU,
+    where the base alone (trainable weights) takes 33 ms. Indexing with a tensor gives the same rows, contiguous, and
+    the same ``mm`` as the base alone."""
+    if not isinstance(logits_to_keep, int) or logits_to_keep <= 0 or inputs is None:
+        return logits_to_keep
+    length = inputs.shape[1]
+    return torch.arange(max(0, length - logits_to_keep), length, device=inputs.device)
+
+
+def _floating_dtype(module, default):
+    """The dtype ``module`` computes in: its first floating-point parameter's (a quantized linear stores integers)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
 
 
 def _check_lora_mode(mode):
