@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from genieblue_hf import GenieBlueForConditionalGeneration
+from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
 from genieblue_hf.conversion import convert
 from genieblue_hf.synthetic import compose_tiny, shape_image, shapes_dataset
 from genieblue_hf.training import ConversationCollator, ConversationDataset, multimodal_lora_config
@@ -267,6 +267,29 @@ def test_trainer_fsdp_on_accelerators(tmp_path):
                             "29538", str(script), str(tmp_path / "run"))
     result = json.loads(completed.stdout.split("RESULT")[-1].splitlines()[0])
     assert result["fsdp"] is True and result["base_block"].startswith("FSDP")
+
+
+def test_deepspeed_zero3_trainer_trains_keeps_the_base_and_converts(tmp_path):
+    """examples/train_deepspeed.py on 2 CPU ranks (DeepSpeed's CPU accelerator): the ZeRO-3 engine computes the
+    unsharded model's multimodal loss, training runs, and the saved folder converts with the base byte for byte."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero3"
+    run_example(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                "train_deepspeed.py", "--out", str(out), "--cpu", "--report", str(tmp_path / "report.json"),
+                env_extra={"DS_ACCELERATOR": "cpu"})
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["zero_stage"] == 3
+    assert len(report["losses"]) == 3 and all(torch.isfinite(torch.tensor(report["losses"])))
+    hub = convert(out / "final", tmp_path / "hub", base=out / "start-base")  # refuses a base that changed
+    converted = GenieBlueForConditionalGeneration.from_pretrained(hub).eval()
+    probe = shapes_dataset(report["probe"]["count"], seed=report["probe"]["seed"])
+    collator = ConversationCollator(GenieBlueProcessor.from_pretrained(out / "final"))
+    with torch.no_grad():  # the trained weights, unsharded: the loss the ZeRO-3 engine computed
+        unsharded = converted(**collator([probe[0]])).loss.item()
+    assert report["multimodal_loss_zero3"] == pytest.approx(unsharded, abs=1e-5)
+    start, _ = compose_tiny()
+    assert state_hash(converted.language_model) == state_hash(start.language_model)
+    assert state_hash(converted.lora) != state_hash(start.lora)  # it did train
 
 
 def test_readme_demo_runs():
