@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ def test_pipeline_writes_tables_plot_and_results(quick_run):
     tables = (out / "tables.md").read_text()
     for heading in ("paper Tables 4 and 5", "paper Table 6", "paper Table 3"):
         assert heading in tables
+    assert "Smoke test (`--quick`)" in tables and "not results" in tables  # never mistaken for the experiment
+    assert "Smoke test" not in (Path(__file__).parents[1] / "docs" / "miniature" / "tables.md").read_text()
     runs = {(r["variant"], r["text_data"]) for r in report["results"]}
     assert runs == set(QUICK_RUNS)
     for variant in ("LoRA", "CogVLM-Skip", "GenieBlue-Skip"):

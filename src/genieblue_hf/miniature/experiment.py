@@ -49,6 +49,7 @@ class Settings:
     multimodal_test_size: int = 500
     threads: int = 2
     cache_dir: str = None  # keep the pretrained base and vision tower here, keyed by the settings that shape them
+    smoke_test: bool = False  # seconds-long settings: the pipeline runs, the numbers mean nothing (labelled so)
 
     @classmethod
     def quick(cls):
@@ -56,6 +57,7 @@ class Settings:
         return cls(
             seeds=(0,), runs=(("Full-Finetune", True), ("LoRA", True), ("GenieBlue-Skip", True)),
             base_steps=60, vision_steps=20, stage1_steps=10, stage2_steps=20, multimodal_test_size=50,
+            smoke_test=True,
         )
 
     def check(self):
