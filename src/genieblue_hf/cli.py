@@ -17,7 +17,7 @@ def _publish(args):
     publish(
         args.model_dir, args.out_dir, repo_id=args.repo_id, push=args.push, overwrite=args.overwrite,
         license=args.license, base_model=args.base_model, max_shard_size=args.max_shard_size,
-        non_shared=args.non_shared, allow_nonfinite=args.allow_nonfinite,
+        non_shared=args.non_shared, allow_nonfinite=args.allow_nonfinite, vllm_adapter=not args.no_vllm_adapter,
     )
 
 
@@ -78,6 +78,8 @@ def build_parser():
     publish.add_argument("--base-model", help="Hub id of the base LLM, for the card metadata")
     publish.add_argument("--max-shard-size", default="2GB")
     publish.add_argument("--allow-nonfinite", action="store_true", help="warn instead of failing on NaN/Inf weights")
+    publish.add_argument("--no-vllm-adapter", action="store_true",
+                         help="leave out multimodal_lora/, the adapter vLLM routes image requests with")
     publish.add_argument("--non-shared", action="store_true",
                          help="put the base LLM in language_model/ so text-only users can fetch it alone")
     publish.set_defaults(func=_publish)

@@ -140,7 +140,7 @@ sequence and kept for all of its decoding steps.
 
 
 def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, license="apache-2.0", base_model=None,
-            max_shard_size="2GB", non_shared=False, allow_nonfinite=False):
+            max_shard_size="2GB", non_shared=False, allow_nonfinite=False, vllm_adapter=True):
     """Write a complete Hub folder for ``model_dir`` into ``out_dir`` (and push it when ``push``)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     require_genieblue_folder(model_dir)
@@ -168,6 +168,10 @@ def publish(model_dir, out_dir, repo_id=None, push=False, overwrite=False, licen
             model.save_pretrained(staging, max_shard_size=max_shard_size)
             if processor is not None:
                 processor.save_pretrained(staging)
+        if vllm_adapter and model.lora:
+            from .vllm.route_adapter import write_route_adapter
+
+            write_route_adapter(model, staging)  # multimodal_lora/: how vLLM routes image requests
         card = build_model_card(model, repo_id, base_model=base_model, license=license, non_shared=non_shared)
         card.save(staging / "README.md")
     logger.info("Hub folder ready at %s", out_dir)
