@@ -654,7 +654,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         groups = cache.row_groups
         parts = {}
         for path, rows in groups.items():
-            sub = {k: select_rows(v, rows, batch) for k, v in kwargs.items()}
+            sub = {k: v if k in PER_POSITION_ARGUMENTS else select_rows(v, rows, batch) for k, v in kwargs.items()}
             ids, embeds = select_rows(input_ids, rows, batch), select_rows(inputs_embeds, rows, batch)
             if path == "text":
                 parts[path] = self._text_forward(ids, embeds, cache.parts[path], **sub)
@@ -745,6 +745,10 @@ def portable_key(key, vision_model_type):
     ):
         return prefix + "vision_model." + key[len(prefix):]
     return key
+
+
+# forward arguments that hold one entry per position, never per row, even when there are as many positions as rows
+PER_POSITION_ARGUMENTS = frozenset({"cache_position", "logits_to_keep"})
 
 
 def _kept_positions(logits_to_keep, inputs):

@@ -110,6 +110,23 @@ def test_mixed_batch_rows_equal_their_single_runs(kind):
             assert torch.allclose(mixed.logits[i : i + 1], alone, atol=1e-5)
 
 
+def test_mixed_batch_with_as_many_positions_as_rows():
+    """Per-position arguments (cache_position, logits_to_keep) are never split by row, even when a mixed batch has as
+    many rows as positions."""
+    model = tiny_genieblue("qwen2")
+    image, pixels = image_row(model, num_images=1, prefix=1, suffix=1)
+    length = image.shape[0]
+    text = text_batch(batch=length - 1, length=length, seed=6)
+    input_ids = torch.cat([image[None], text])  # `length` rows of `length` positions, row 0 on the multimodal path
+    positions = torch.arange(length)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, pixel_values=pixels).logits
+        kept = model(input_ids=input_ids, pixel_values=pixels, cache_position=positions, logits_to_keep=length).logits
+        last = model(input_ids=input_ids, pixel_values=pixels, cache_position=positions, logits_to_keep=1).logits
+    assert torch.equal(kept, full)
+    assert torch.allclose(last, full[:, -1:], atol=1e-6)  # one position: another matmul shape, same rows
+
+
 def test_mixed_batch_generate_equals_rows_alone(kind):
     model = tiny_genieblue(kind)
     twin = base_twin(model)
