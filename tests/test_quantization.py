@@ -116,7 +116,10 @@ def test_torchao_load_keeps_the_text_path_the_quantized_base(tmp_path):
     from genieblue_hf import GenieBlueForConditionalGeneration
 
     _saved(tmp_path)
-    config = TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(8)))
+    # transformers 5.0 re-initialises a torchao-quantized SigLIP on load and fails (SigLIP loaded alone too); later
+    # releases do not. The vision tower stays unquantized here so the test runs on every release declared.
+    config = TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(8)),
+                           modules_to_not_convert=["vision_tower"])
     model = GenieBlueForConditionalGeneration.from_pretrained(tmp_path / "genieblue", quantization_config=config)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config).eval()
     model.eval()
