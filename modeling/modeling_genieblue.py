@@ -53,6 +53,24 @@ class GenieBlueCausalLMOutputWithPast(ModelOutput):
     multimodal_rows: torch.Tensor | None = None
 
 
+def merge_patch_tokens(features, r):
+    """``(tiles, g*g, C)`` patch features to ``(tiles, ceil(g/r)^2, r*r*C)`` (pixel unshuffle; a grid ``r`` does not
+    divide is zero-padded at the bottom and right). The vLLM model merges with this same function."""
+    if r == 1:
+        return features
+    tiles, patches, channels = features.shape
+    grid = int(round(patches**0.5))
+    if grid * grid != patches:
+        raise ValueError(f"vision features have {patches} patches; token merging needs a square patch grid")
+    features = features.reshape(tiles, grid, grid, channels)
+    pad = -grid % r
+    if pad:
+        features = F.pad(features, (0, 0, 0, pad, 0, pad))
+        grid += pad
+    features = features.reshape(tiles, grid // r, r, grid // r, r, channels)
+    return features.permute(0, 1, 3, 2, 4, 5).reshape(tiles, (grid // r) ** 2, r * r * channels)
+
+
 class GenieBlueMultiModalProjector(nn.Module):
     """Merges each ``r x r`` window of vision patches into one token (a patch grid ``r`` does not divide is
     zero-padded at the bottom and right first), then LayerNorm (``projector_layernorm``) and a 2-layer MLP into the
@@ -68,25 +86,8 @@ class GenieBlueMultiModalProjector(nn.Module):
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden, hidden)
 
-    def merge_tokens(self, features):
-        """``(tiles, g*g, C)`` patch features to ``(tiles, ceil(g/r)^2, r*r*C)`` (pixel unshuffle)."""
-        r = self.downsample_ratio
-        if r == 1:
-            return features
-        tiles, patches, channels = features.shape
-        grid = int(round(patches**0.5))
-        if grid * grid != patches:
-            raise ValueError(f"vision features have {patches} patches; token merging needs a square patch grid")
-        features = features.reshape(tiles, grid, grid, channels)
-        pad = -grid % r
-        if pad:
-            features = F.pad(features, (0, 0, 0, pad, 0, pad))
-            grid += pad
-        features = features.reshape(tiles, grid // r, r, grid // r, r, channels)
-        return features.permute(0, 1, 3, 2, 4, 5).reshape(tiles, (grid // r) ** 2, r * r * channels)
-
     def forward(self, features):
-        merged = self.merge_tokens(features)
+        merged = merge_patch_tokens(features, self.downsample_ratio)
         if self.layer_norm is not None:
             merged = self.layer_norm(merged)
         return self.linear_2(self.act(self.linear_1(merged)))

@@ -3,7 +3,7 @@
 Installed with the package and registered through vLLM's plugin entry point (``vllm.general_plugins``), so a
 GenieBlue folder (as ``genieblue publish`` writes it) serves with no conversion step::
 
-    vllm serve path/to/genieblue --enable-lora --max-lora-rank 8 \\
+    vllm serve path/to/genieblue --enable-lora --max-lora-rank 8 --max-loras 2 \\
         --default-mm-loras '{"image": "path/to/genieblue/multimodal_lora"}'
 
 How a request finds its path: vLLM carries one per-request switch from the API through the scheduler, the prefix

@@ -14,8 +14,8 @@ One batch holds text requests and image requests. Per token:
 Text requests therefore compute exactly the base's operations on the base's weights. Their prefix-cache blocks
 never meet an image request's: the LoRA name is part of vLLM's block hash.
 
-Supported bases: decoders built like Qwen2 and Llama (model types ``qwen2``, ``llama``, ``mistral``), with a SigLIP vision tower. Tensor parallelism follows vLLM's parallel linears; pipeline
-parallelism is not supported.
+Supported bases: decoders built like Qwen2 and Llama (model types ``qwen2``, ``llama``, ``mistral``), with a SigLIP
+vision tower. Tensor parallelism follows vLLM's parallel linears; pipeline parallelism is not supported.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,6 +44,7 @@ from vllm.multimodal.processing import (
 )
 
 from ..modeling.configuration_genieblue import GenieBlueConfig
+from ..modeling.modeling_genieblue import merge_patch_tokens
 from ..modeling.processing_genieblue import GenieBlueProcessor
 from .route_adapter import FOLDER, PROBE
 
@@ -146,16 +147,7 @@ class GenieBlueProjector(nn.Module):
                                           prefix=f"{prefix}.linear_2")
 
     def forward(self, features):
-        r = self.ratio
-        tiles, patches, channels = features.shape
-        grid = int(round(patches**0.5))
-        features = features.reshape(tiles, grid, grid, channels)
-        pad = -grid % r
-        if pad:
-            features = nn.functional.pad(features, (0, 0, 0, pad, 0, pad))
-            grid += pad
-        features = features.reshape(tiles, grid // r, r, grid // r, r, channels).permute(0, 1, 3, 2, 4, 5)
-        features = features.reshape(tiles, (grid // r) ** 2, r * r * channels)
+        features = merge_patch_tokens(features, self.ratio)
         if self.layer_norm is not None:
             features = self.layer_norm(features)
         hidden, _ = self.linear_1(features)
