@@ -21,10 +21,11 @@ from torch.nn import functional as F
 from transformers import initialization as init
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import logging
 
 from .configuration_genieblue import LORA_EXECUTION_MODES, GenieBlueConfig
+from .genieblue_compat import CACHE_NAME, CACHE_NAMES, cache_argument, one_cache, output_cache
 from .genieblue_dispatch import (
     MultimodalCall, PlanCache, checkpoint_context, copy_decoder_layer, copy_non_persistent_buffers, find_decoder_layers,
     running,
@@ -41,16 +42,16 @@ _WRAPPED_VISION_TYPES = ("siglip_vision_model", "clip_vision_model")
 
 
 @dataclass
-class GenieBlueCausalLMOutputWithPast(ModelOutput):
-    """Causal-LM outputs plus the projected image features of this call (if any) and each row's route."""
+class GenieBlueCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Causal-LM outputs (the KV cache under the installed release's name, ``cache`` or ``past_key_values``) plus the
+    projected image features of this call (if any) and each row's route."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     image_hidden_states: torch.Tensor | None = None
     multimodal_rows: torch.Tensor | None = None
+
+
+def _outputs(cache, **fields):
+    return GenieBlueCausalLMOutputWithPast(**{CACHE_NAME: cache}, **fields)
 
 
 def merge_patch_tokens(features, r):
@@ -101,7 +102,7 @@ class GenieBluePreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["GenieBlueMultiModalProjector"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = list(CACHE_NAMES)
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -528,7 +529,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
 
     def _check_continuation(self, recorded, route, has_image, pixel_values, batch):
         if recorded.shape[0] != batch:
-            raise ValueError(f"past_key_values holds {recorded.shape[0]} sequences but this call has {batch} rows")
+            raise ValueError(f"the KV cache holds {recorded.shape[0]} sequences but this call has {batch} rows")
         if (route == "text" and recorded.any()) or (route == "multimodal" and not recorded.all()):
             raise ValueError(
                 f"route={route!r} conflicts with the route these sequences started on (multimodal rows: "
@@ -538,7 +539,7 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         if pixel_values is not None and text_rows_with_images:
             raise ValueError(
                 f"rows {text_rows_with_images} started on the text path and now contain image placeholders; an image "
-                f"cannot join a text-path KV cache. Run the whole conversation again without past_key_values."
+                f"cannot join a text-path KV cache. Run the whole conversation again without its KV cache."
             )
 
     def _check_new_sequences(self, route, has_image, pixel_values):
@@ -568,15 +569,19 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         route=None,
         lora_mode=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
         r"""
+        cache / past_key_values (`Cache`, *optional*): the KV cache, under either name (transformers 5.24 renamed
+            ``past_key_values`` to ``cache``; outputs carry it under the installed release's name).
         route (`str`, *optional*): ``"auto"`` (default), ``"text"`` or ``"multimodal"``; see the class docstring.
         lora_mode (`str`, *optional*): ``"unmerged"`` or ``"merged"`` for this call's multimodal rows.
         return_dict (`bool`, *optional*): ``False`` returns ``outputs.to_tuple()`` (defaults to ``config.return_dict``).
         """
         if lora_mode is not None:
             _check_lora_mode(lora_mode)
+        past_key_values = one_cache(cache, past_key_values)
         routes = self._resolve_routes(input_ids, inputs_embeds, pixel_values, past_key_values, route)
         self._check_no_adapter_on_base()
         if self.training and torch.is_grad_enabled():
@@ -597,21 +602,21 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
                 routes, input_ids, pixel_values, inputs_embeds, past_key_values, lora_mode=lora_mode, **common
             )
         outputs.multimodal_rows = routes
-        if outputs.past_key_values is not None:
-            self._route_registry.record(outputs.past_key_values, routes)
+        if output_cache(outputs) is not None:
+            self._route_registry.record(output_cache(outputs), routes)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return outputs if return_dict else outputs.to_tuple()
 
     def _text_forward(self, input_ids, inputs_embeds, past_key_values, **kwargs):
         """The base LLM, called as itself."""
-        out = self.language_model(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values, return_dict=True,
+        lm = self.language_model
+        out = lm(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, return_dict=True, **{cache_argument(lm): past_key_values},
             **kwargs,
         )
-        return GenieBlueCausalLMOutputWithPast(
-            loss=out.loss, logits=out.logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-            attentions=out.attentions,
+        return _outputs(
+            output_cache(out), loss=out.loss, logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
 
     def _multimodal_forward(self, input_ids, pixel_values, inputs_embeds, past_key_values, labels=None,
@@ -624,24 +629,21 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         if self.training and torch.is_grad_enabled() and not inputs_embeds.requires_grad:
             # text rows on the multimodal path: activation checkpointing needs an input that requires grad
             inputs_embeds = inputs_embeds.detach().requires_grad_(True)
+        lm = self.language_model
+        kwargs[cache_argument(lm)] = past_key_values
         if self.config.is_dense:  # a dense export: the language model is the multimodal LM
-            out = self.language_model(
-                inputs_embeds=inputs_embeds, past_key_values=past_key_values, labels=labels, return_dict=True, **kwargs
-            )
+            out = lm(inputs_embeds=inputs_embeds, labels=labels, return_dict=True, **kwargs)
         else:
             with running(self._multimodal_call(lora_mode)) as call:
-                out = self.language_model(
-                    inputs_embeds=inputs_embeds, past_key_values=past_key_values, labels=labels, return_dict=True,
-                    **kwargs,
-                )
+                out = lm(inputs_embeds=inputs_embeds, labels=labels, return_dict=True, **kwargs)
             call.check_complete()
         logits = out.logits
         if self.config.image_token_id < logits.shape[-1]:
             # A placeholder id inside the base vocabulary must never be generated by the multimodal path.
             logits = logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
-        return GenieBlueCausalLMOutputWithPast(
-            loss=out.loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-            attentions=out.attentions, image_hidden_states=image_features,
+        return _outputs(
+            output_cache(out), loss=out.loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+            image_hidden_states=image_features,
         )
 
     def _mixed_forward(self, routes, input_ids, pixel_values, inputs_embeds, past_key_values, labels=None,
@@ -674,11 +676,11 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size
             )
         if use_cache:
-            cache.parts = {path: out.past_key_values for path, out in parts.items()}
-        return GenieBlueCausalLMOutputWithPast(
+            cache.parts = {path: output_cache(out) for path, out in parts.items()}
+        return _outputs(
+            cache if use_cache else None,
             loss=loss,
             logits=logits,
-            past_key_values=cache if use_cache else None,
             hidden_states=stitch_tuples([o.hidden_states for o in outputs], order, batch),
             attentions=stitch_tuples([o.attentions for o in outputs], order, batch),
             image_hidden_states=parts["multimodal"].image_hidden_states,
@@ -717,12 +719,12 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
         step without a cache. An empty cache starts new sequences: generate may reuse one cache object across calls
         (a reset StaticCache), so the routes recorded for it are forgotten. A stateful base (a Mamba hybrid) builds
         its own cache type when handed none, which older releases need."""
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(CACHE_NAME)
         fresh = cache is None or cache.get_seq_length() == 0
         if fresh and cache is not None:
             self._route_registry.forget(cache)
             if getattr(type(self.language_model), "_is_stateful", False):
-                kwargs["past_key_values"] = None
+                kwargs[CACHE_NAME] = None
         model_inputs = self.language_model.prepare_inputs_for_generation(*args, **kwargs)
         for key in ("route", "lora_mode"):  # GenieBlue's own forward arguments, which a base's override may drop
             if key in kwargs:
