@@ -158,3 +158,36 @@ def test_reentrant_checkpointing_is_refused_clearly():
     model = tiny_genieblue("qwen2")
     with pytest.raises(ValueError, match="non-reentrant activation checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_the_kv_cache_goes_by_the_installed_releases_name_without_deprecation_noise(recwarn, caplog):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (argument, generate keyword, output field). GenieBlue
+    returns the cache under the installed release's field name, takes it under either name, and its own calls use
+    the name the base takes: generating (text, image and mixed batches) raises no deprecation warning."""
+    import dataclasses
+
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model = tiny_genieblue()
+    field = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+    ids, pixel_values = image_row(model)
+    text = text_batch(1, len(ids))
+    outputs = model(input_ids=text, use_cache=True)
+    assert getattr(outputs, field) is not None and field in outputs.keys()
+    follow_up = model(input_ids=text[:, -1:], **{field: getattr(outputs, field)})  # a continuation, either name
+    twin = base_twin(model)
+    with torch.no_grad():
+        reference = twin(input_ids=text, use_cache=True)
+        step = twin(input_ids=text[:, -1:], **{field: getattr(reference, field)})
+    assert torch.equal(follow_up.logits, step.logits)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=text, cache=DynamicCache(), past_key_values=DynamicCache())
+    recwarn.clear()
+    caplog.clear()
+    settings = dict(max_new_tokens=3, do_sample=False)
+    model.generate(input_ids=text, **settings)
+    model.generate(input_ids=ids[None], pixel_values=pixel_values, **settings)
+    model.generate(input_ids=torch.stack([text[0], ids]), pixel_values=pixel_values, **settings)
+    noise = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in noise if "past_key_values" in m or "deprecated" in m.lower()], noise
