@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.utils import tqdm
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import AutoModelForCausalLM
 
 from genieblue_hf import GenieBlueForConditionalGeneration
 from genieblue_hf.conversion import dense_model
 from genieblue_hf.publish import parameter_counts
+from genieblue_hf.synthetic import tiny_base, tiny_vision_tower
 
 
 log = logging.getLogger("genieblue.bench")
@@ -56,10 +57,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(size, dtype, device):
-    torch.manual_seed(0)
+    """A GenieBlue of ``SIZES[size]`` from the package's tiny-model factory (no special tokens: generation runs its
+    full length)."""
     spec = SIZES[size]
-    base = Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=4096, **spec["text"])).eval()
-    vision = SiglipVisionModel(SiglipVisionConfig(vision_use_head=False, **spec["vision"])).eval()
+    base = tiny_base("qwen2", 0, max_position_embeddings=4096, pad_token_id=None, bos_token_id=None,
+                     eos_token_id=None, **spec["text"])
+    vision = tiny_vision_tower(1, **spec["vision"])
     model = GenieBlueForConditionalGeneration.from_base(base, vision).eval()
     with torch.no_grad():  # a trained multimodal path: LoRA B no longer zero
         for name, param in model.lora.named_parameters():

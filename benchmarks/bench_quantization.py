@@ -14,15 +14,12 @@ import argparse
 import copy
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from huggingface_hub.utils import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from bench_paths import build, image_inputs  # noqa: E402
+from bench_paths import build, image_inputs  # the script's folder is on sys.path
 
 from genieblue_hf.quantization import quantize_language_model, quantize_like_paper, storage_bytes  # noqa: E402
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_vllm.py [--size small] [--image-share 0.5] --json benchmarks/results/vllm-cpu.json
 
 Runs in vLLM's environment (``make test-vllm`` builds it). Three engines with the same settings, random-weight
-models built locally (``tests/vllm_support.py``):
+models built locally (``genieblue_hf.vllm.testing``):
 
 - GenieBlue serving the whole workload in one engine (image requests on the multimodal path by the route adapter);
 - the base alone serving the text share;
@@ -20,14 +20,13 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 log = logging.getLogger("bench_vllm")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache per engine on the CPU
 
 SIZES = {
     # the tests' shapes: overhead-dominated, a smoke run
@@ -80,7 +79,7 @@ def main(argv=None):
     import vllm
     from vllm import LLM, SamplingParams
 
-    import vllm_support
+    from genieblue_hf.vllm import testing as vllm_support
     from genieblue_hf.vllm import image_lora_request
 
     with tempfile.TemporaryDirectory() as root:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from .atomic import atomic_output_dir, refuse_existing
+from ..atomic import atomic_output_dir, refuse_existing
 from .sources import ConversionError
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from ..modeling.processing_genieblue import GenieBlueProcessor

@@ -10,26 +10,24 @@ temporary folder next to the output, one tensor at a time; verify; rename. Peak 
 
 import json
 import logging
-import math
-import shutil
-import struct
 from pathlib import Path
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.utils import tqdm
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 from ..modeling.configuration_genieblue import GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
-from .atomic import atomic_output_dir, refuse_existing
+from ..atomic import atomic_output_dir, refuse_existing
 from .keymap import (
-    DEFAULT_RULES, IGNORED_TRAINING_STATE, PARTS, PEFT_RULES, TRAINED_PARTS, parse_key_map, part_of, portable_rules,
+    DEFAULT_RULES, IGNORED_TRAINING_STATE, PARTS, PEFT_RULES, parse_key_map, part_of, portable_rules,
     tied_keys,
 )
+from .side_files import write_side_files
+from .writer import check_finite, write_shards
 from .sources import (
-    _SAFETENSORS_DTYPES, ConversionError, DistributedCheckpointSource, MappedSource, MergedSource, SafetensorsSource,
+    ConversionError, DistributedCheckpointSource, MappedSource, MergedSource, SafetensorsSource,
     open_weights,
 )
 
@@ -38,14 +36,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("trainer", "torch", "peft", "dcp")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# The Hub remote-code files: every ``*genieblue*.py`` of the modeling package (they import each other relatively).
-REMOTE_CODE_DIR = Path(__file__).resolve().parents[1] / "modeling"
-REMOTE_CODE_FILES = tuple(sorted(path.name for path in REMOTE_CODE_DIR.glob("*genieblue*.py")))
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def detect_format(src):
@@ -90,15 +80,6 @@ def require_genieblue_folder(folder, what="the model folder"):
     if not folder.is_dir():
         raise ConversionError(f"{what} {folder} is not a folder")
     return load_config(folder)
-
-
-def check_finite(key, tensor, allow_nonfinite=False):
-    """Trained tensors must hold no NaN/Inf (the base is taken as it is)."""
-    if part_of(key) in TRAINED_PARTS and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        message = f"tensor {key} holds NaN or Inf values"
-        if not allow_nonfinite:
-            raise ConversionError(message + " (pass --allow-nonfinite to write it anyway)")
-        logger.warning(message)
 
 
 def expected_tensors(config):
@@ -210,66 +191,6 @@ def _output_dtype(key, stored, dtype, cast_base):
     return dtype
 
 
-def _materialise(key, provider, out_dtype, allow_nonfinite):
-    tensor = provider.get(key)
-    if tensor.dtype != out_dtype:
-        tensor = tensor.to(out_dtype)
-    check_finite(key, tensor, allow_nonfinite)
-    return tensor.contiguous()
-
-
-def write_safetensors(path, keys, shapes, dtypes, load, metadata):
-    """Write one safetensors file tensor by tensor.
-
-    Hand-written on purpose: ``safetensors.torch.save_file`` takes the whole shard as a dict of tensors and builds a
-    serialized copy (about three shards in memory); writing the header from shapes and then each tensor's bytes in
-    turn keeps one tensor in memory. The layout is the standard one (8-byte little-endian header size, JSON header
-    padded to 8 bytes, contiguous data), and ``verify`` reads every file back with ``safe_open``.
-    """
-    header, offset = {}, 0
-    for key in keys:
-        nbytes = math.prod(shapes[key]) * dtypes[key].itemsize
-        header[key] = {"dtype": _SAFETENSORS_NAMES[dtypes[key]], "shape": list(shapes[key]),
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)))
-        handle.write(blob)
-        for key in keys:
-            tensor = load(key)
-            data = tensor.reshape(-1).view(torch.uint8).numpy()
-            if data.nbytes != header[key]["data_offsets"][1] - header[key]["data_offsets"][0]:
-                raise ConversionError(f"tensor {key} changed size while being written")
-            handle.write(data)
-            del tensor, data
-
-
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-
-
-def write_shards(folder, plan, dtypes, metadata, max_shard_size, allow_nonfinite):
-    """Plan shards from shapes, then write them one tensor at a time; returns ``{key: file}``."""
-    shapes = {key: tuple(plan[key].meta(key)[0]) for key in plan}
-    meta_tensors = {key: torch.empty(shapes[key], dtype=dtypes[key], device="meta") for key in plan}
-    split = split_torch_state_dict_into_shards(meta_tensors, max_shard_size=max_shard_size)
-    with tqdm(total=len(plan), desc="Writing tensors", unit="tensor") as progress:
-
-        def load(key):
-            tensor = _materialise(key, plan[key], dtypes[key], allow_nonfinite)
-            progress.update(1)
-            return tensor
-
-        for filename, keys in split.filename_to_tensors.items():
-            write_safetensors(folder / filename, keys, shapes, dtypes, load, metadata)
-    if split.is_sharded:
-        index = {"metadata": {**split.metadata, **metadata}, "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return split.tensor_to_filename
-
-
 def same_bits(a, b):
     """Bit-for-bit equality (NaN equals a NaN of the same bits, which ``torch.equal`` never says)."""
     if a.dtype != b.dtype or a.shape != b.shape:
@@ -313,30 +234,6 @@ def verify_output(folder, plan, dtypes, weight_map, base_path):
         if not torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits):
             raise ConversionError("verification failed: the converted text path differs from the base model")
     logger.info("verified %d tensors and the text path's bit-identity with the base", len(plan))
-
-
-def write_side_files(staging, config, processor_sources=()):
-    """Config, generation config and remote code; tokenizer/processor files from the first source that has them."""
-    config.save_pretrained(staging)
-    GenerationConfig.from_model_config(config).save_pretrained(staging)
-    copy_remote_code(staging)
-    return any(copy_processor_files(folder, staging) for folder in processor_sources)
-
-
-def copy_remote_code(destination):
-    """Every remote-code file ``config.auto_map`` may name (model, config, processor, image processor)."""
-    for name in REMOTE_CODE_FILES:
-        shutil.copy(REMOTE_CODE_DIR / name, Path(destination) / name)
-
-
-def copy_processor_files(folder, destination):
-    """Copy the tokenizer/processor files of ``folder`` (if it has any) into ``destination``; True if it had some."""
-    if folder is None or not Path(folder).is_dir():
-        return False
-    present = [name for name in PROCESSOR_FILES if (Path(folder) / name).is_file()]
-    for name in present:
-        shutil.copy(Path(folder) / name, Path(destination) / name)
-    return bool(present)
 
 
 def _provenance(sources):

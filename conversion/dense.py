@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_output_dir, refuse_existing
-from .converter import copy_processor_files, copy_remote_code, require_genieblue_folder
+from ..atomic import atomic_output_dir, refuse_existing
+from .converter import require_genieblue_folder
+from .side_files import copy_processor_files, copy_remote_code
 from ..modeling.configuration_genieblue import DENSE, GenieBlueConfig
 from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from ..modeling.genieblue_dispatch import find_decoder_layers, strip_dispatch

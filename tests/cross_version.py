@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WRITERS = ("save_pretrained", "convert", "publish", "publish_non_shared", "export_dense", "export_dense_lm")
@@ -24,9 +23,7 @@ WRITERS = ("save_pretrained", "convert", "publish", "publish_non_shared", "expor
 def write(out):
     from genieblue_hf import GenieBlueProcessor
     from genieblue_hf.cli import main
-
-    from conftest import tiny_genieblue
-    from tokenizers_for_tests import bpe_tokenizer
+    from genieblue_hf.testing import bpe_tokenizer, tiny_genieblue
 
     out = Path(out)
     model = tiny_genieblue("qwen2")
@@ -58,7 +55,7 @@ def read(out):
 
     from genieblue_hf import GenieBlueForConditionalGeneration
 
-    from conftest import base_twin, image_row, text_batch
+    from genieblue_hf.testing import base_twin, image_row, text_batch
 
     out = Path(out)
     result = {}

@@ -7,17 +7,15 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from genieblue_hf import GenieBlueForConditionalGeneration
 from genieblue_hf.cli import main
 
-from conftest import tiny_genieblue
+from genieblue_hf.testing import tiny_genieblue
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +199,7 @@ def test_full_disk_and_read_only_output_are_one_line(folders, tmp_path, caplog, 
         "compose": ["compose", "--language-model", str(folders / "base"), "--vision-model", str(folders / "vision"),
                     str(tmp_path / "out")],
     }[command]
-    import genieblue_hf.conversion.atomic as atomic
+    import genieblue_hf.atomic as atomic
 
     for error in (OSError(28, "No space left on device"), PermissionError(13, "Permission denied")):
         def failing_swap(staging, out_dir, error=error):
@@ -246,13 +244,13 @@ def test_interrupted_run_leaves_nothing_and_says_so(folders, tmp_path):
     """SIGTERM during a write: the staging folder is removed, no output appears, one line is printed."""
     script = (
         "import sys, time\n"
-        "import genieblue_hf.conversion.converter as converter\n"
+        "import genieblue_hf.conversion.writer as writer\n"
         "from genieblue_hf.cli import main\n"
-        "real = converter.write_safetensors\n"
+        "real = writer.write_safetensors\n"
         "def slow(*a, **k):\n"
         "    print('WRITING', flush=True)\n"
         "    time.sleep(60)\n"
-        "converter.write_safetensors = slow\n"
+        "writer.write_safetensors = slow\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script, "convert", str(folders / "model"), str(tmp_path / "out")],

@@ -3,7 +3,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from genieblue_hf import GenieBlueConfig
 
-from conftest import tiny_text_config, tiny_vision_config
+from genieblue_hf.testing import tiny_text_config, tiny_vision_config
 
 
 def make(**overrides):

@@ -6,7 +6,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from genieblue_hf import GenieBlueForConditionalGeneration
 
-from conftest import TOKENS_PER_TILE, base_twin, image_row, text_batch, tiny_genieblue
+from genieblue_hf.testing import TOKENS_PER_TILE, base_twin, image_row, text_batch, tiny_genieblue
 
 
 @pytest.mark.parametrize("path", ["text", "image"])
@@ -115,7 +115,7 @@ def test_a_hook_on_a_base_block_does_not_fire_on_its_copy():
     and a hook on the base block still runs on both paths."""
     from transformers import SiglipVisionModel
 
-    from conftest import tiny_base, tiny_vision_config
+    from genieblue_hf.testing import tiny_base, tiny_vision_config
 
     base = tiny_base("qwen2")
     calls = []
@@ -133,7 +133,7 @@ def test_a_hook_on_a_base_block_does_not_fire_on_its_copy():
 def test_mixed_batch_training_with_gradient_checkpointing():
     """A batch of one image row and one text-only row, checkpointed: the loss and its gradients match no
     checkpointing."""
-    from conftest import left_pad
+    from genieblue_hf.testing import left_pad
 
     def run(checkpointing):
         model = tiny_genieblue("qwen2").train()

@@ -16,9 +16,9 @@ from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
 from genieblue_hf.cli import main
 from genieblue_hf.conversion import ConversionError, convert
 from genieblue_hf.conversion import converter as convert_module
+from genieblue_hf.conversion import writer as writer_module
 
-from conftest import base_twin, image_row, state_hash, text_batch, tiny_genieblue
-from tokenizers_for_tests import bpe_tokenizer
+from genieblue_hf.testing import base_twin, bpe_tokenizer, image_row, state_hash, text_batch, tiny_genieblue
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def test_disk_full_mid_write_leaves_nothing(trained, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     calls = []
-    real_write = convert_module.write_safetensors
+    real_write = writer_module.write_safetensors
 
     def failing_write(path, *args):
         calls.append(path)
@@ -264,7 +264,7 @@ def test_disk_full_mid_write_leaves_nothing(trained, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real_write(path, *args)
 
-    monkeypatch.setattr(convert_module, "write_safetensors", failing_write)
+    monkeypatch.setattr(writer_module, "write_safetensors", failing_write)
     with pytest.raises(OSError, match="No space left"):
         convert(ckpt, tmp_path / "out", max_shard_size="100KB")
     assert len(calls) == 2
@@ -304,9 +304,9 @@ PEAK_RSS = textwrap.dedent(
 
 
 def test_conversion_memory_is_bounded_by_the_shard_size(tmp_path):
-    from conftest import tiny_base
+    from genieblue_hf.testing import tiny_base
     from transformers import SiglipVisionModel
-    from conftest import tiny_vision_config
+    from genieblue_hf.testing import tiny_vision_config
 
     base = tiny_base("qwen2", hidden_size=512, intermediate_size=1536, num_attention_heads=8, vocab_size=2048)
     model = GenieBlueForConditionalGeneration.from_base(base, SiglipVisionModel(tiny_vision_config()))
@@ -388,7 +388,7 @@ def test_overwrite_keeps_a_complete_output_at_every_step(tmp_path, monkeypatch, 
     import os
     import shutil
 
-    from genieblue_hf.conversion import atomic
+    from genieblue_hf import atomic
 
     out = tmp_path / "out"
     out.mkdir()

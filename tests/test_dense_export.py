@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 from genieblue_hf import GenieBlueForConditionalGeneration
 from genieblue_hf.cli import main
 
-from conftest import image_row, text_batch, tiny_genieblue
+from genieblue_hf.testing import image_row, text_batch, tiny_genieblue
 
 
 def test_dense_export_equals_the_multimodal_path(tmp_path):

@@ -9,7 +9,7 @@ from genieblue_hf import GenieBlueForConditionalGeneration
 from genieblue_hf.deployment import load_text_only_base, save_non_shared
 from genieblue_hf.synthetic import compose_tiny
 
-from conftest import base_twin, perturb_multimodal, state_hash
+from genieblue_hf.testing import base_twin, perturb_multimodal, state_hash
 
 
 def saved_keys(folder):

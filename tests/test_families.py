@@ -12,7 +12,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from genieblue_hf import GenieBlueForConditionalGeneration
 
-from conftest import VOCAB, image_row, perturb_multimodal, text_batch, tiny_vision_config
+from genieblue_hf.testing import VOCAB, image_row, perturb_multimodal, text_batch, tiny_vision_config
 
 
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,

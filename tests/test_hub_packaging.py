@@ -2,24 +2,15 @@
 
 import ast
 import json
-import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
-from genieblue_hf import GenieBlueProcessor
-
-from test_processor import colour_image, model_for
-from tokenizers_for_tests import bpe_tokenizer
+from genieblue_hf.testing import HUB_PROMPTS, populate_hub_cache, run_isolated
 
 
 REMOTE_CODE = sorted((Path(__file__).parents[1] / "modeling").glob("*genieblue*.py"))
 ALLOWED_IMPORTS = {"torch", "transformers", "safetensors", "PIL"} | set(sys.stdlib_module_names)
-
-PROMPTS = ("the quick brown fox", "<|im_start|>user\n<image>\ndescribe the picture<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_remote_code_imports_only_torch_transformers_safetensors_pil_and_stdlib():
@@ -36,28 +27,6 @@ def test_remote_code_imports_only_torch_transformers_safetensors_pil_and_stdlib(
                 continue
             for name in names:
                 assert name.split(".")[0] in ALLOWED_IMPORTS, f"{path.name} imports {name}"
-
-
-def reference_generations(model, processor, image):
-    text = processor(text=PROMPTS[0])
-    multimodal = processor(text=PROMPTS[1], images=[image])
-    return {
-        "text": model.generate(**text, max_new_tokens=5, do_sample=False)[0].tolist(),
-        "image": model.generate(**multimodal, max_new_tokens=5, do_sample=False)[0].tolist(),
-    }
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("genieblue-tiny")
-    tokenizer = bpe_tokenizer()
-    model = model_for(tokenizer)
-    processor = GenieBlueProcessor.for_model(model.config, tokenizer, max_tiles=2)
-    model.save_pretrained(folder, max_shard_size="200KB")
-    processor.save_pretrained(folder)
-    image = colour_image(32, 16, seed=7)
-    image.save(folder.parent / "image.png")
-    return folder, reference_generations(model, processor, image)
 
 
 # Runs in a fresh interpreter where `import genieblue_hf` fails: only the folder's own code can serve.
@@ -90,19 +59,6 @@ LOADER = textwrap.dedent(
 )
 
 
-def run_isolated(script, *args, env_extra=None, cwd=None):
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONPATH"))}
-    env.update(env_extra or {})
-    completed = subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    line = [l for l in completed.stdout.splitlines() if l.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
-
-
 def assert_loaded_like_saved(result, expected):
     assert result["config"].startswith("transformers_modules.") and "genieblue_hf" not in result["config"]
     assert result["processor"].startswith("transformers_modules.")
@@ -117,27 +73,17 @@ def assert_loaded_like_saved(result, expected):
 def test_folder_loads_with_every_auto_class_without_the_package(saved, tmp_path):
     folder, expected = saved
     result = run_isolated(
-        LOADER, str(folder), str(folder.parent / "image.png"), json.dumps(PROMPTS),
+        LOADER, str(folder), str(folder.parent / "image.png"), json.dumps(HUB_PROMPTS),
         env_extra={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}, cwd=tmp_path,
     )
     assert_loaded_like_saved(result, expected)
-
-
-def populate_hub_cache(folder, repo_id, hf_home):
-    """Lay ``folder`` out in a Hugging Face cache the way the Hub client does, as revision ``main``."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)  # no trailing newline, as the Hub client writes it
 
 
 def test_offline_hub_cache_layout_loads_org_name(saved, tmp_path):
     folder, expected = saved
     populate_hub_cache(folder, "org/genieblue-tiny", tmp_path / "hf_home")
     result = run_isolated(
-        LOADER, "org/genieblue-tiny", str(folder.parent / "image.png"), json.dumps(PROMPTS),
+        LOADER, "org/genieblue-tiny", str(folder.parent / "image.png"), json.dumps(HUB_PROMPTS),
         env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
                    "HF_MODULES_CACHE": str(tmp_path / "fresh-modules")},
         cwd=tmp_path,

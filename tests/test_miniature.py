@@ -18,7 +18,7 @@ from genieblue_hf.miniature.loop import batches_of, exact_match
 from genieblue_hf.miniature.variants import VARIANTS_BY_NAME, VisualExpertLinear, image_token_mask, make_visual_experts
 from genieblue_hf.training import ConversationCollator
 
-from conftest import base_twin, tiny_base, tiny_vision_config
+from genieblue_hf.testing import base_twin, tiny_base, tiny_vision_config
 
 
 QUICK_RUNS = (("Full-Finetune", True), ("LoRA", True), ("CogVLM-Skip", True), ("GenieBlue-Skip", True),

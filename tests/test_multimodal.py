@@ -5,7 +5,7 @@ import torch
 
 from genieblue_hf import GenieBlueForConditionalGeneration
 
-from conftest import (
+from genieblue_hf.testing import (
     TOKENS_PER_TILE, base_twin, image_row, left_pad, state_hash, text_batch, tiny_base, tiny_genieblue,
 )
 
@@ -237,7 +237,7 @@ def test_multimodal_hidden_states_and_eager_attention():
 def test_save_load_round_trip_keeps_both_paths(tmp_path, tied):
     base = tiny_base("qwen2", tie_word_embeddings=tied)
     from transformers import SiglipVisionModel
-    from conftest import perturb_multimodal, tiny_vision_config
+    from genieblue_hf.testing import perturb_multimodal, tiny_vision_config
 
     model = GenieBlueForConditionalGeneration.from_base(base, SiglipVisionModel(tiny_vision_config())).eval()
     perturb_multimodal(model)
@@ -387,7 +387,7 @@ def test_full_siglip_model_is_refused_with_a_hint():
 def test_bfloat16_base_with_float32_vision_tower():
     """from_base keeps each part's dtype; features are cast at the projector and again at the LLM embeddings."""
     from transformers import SiglipVisionModel
-    from conftest import tiny_vision_config
+    from genieblue_hf.testing import tiny_vision_config
 
     base = tiny_base("qwen2").to(torch.bfloat16)
     model = GenieBlueForConditionalGeneration.from_base(base, SiglipVisionModel(tiny_vision_config())).eval()

@@ -8,12 +8,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import AutoProcessor, SiglipVisionModel
+from transformers import AutoProcessor
 
-from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueImageProcessor, GenieBlueProcessor
+from genieblue_hf import GenieBlueImageProcessor, GenieBlueProcessor
 
-from conftest import IMAGE_SIZE, TOKENS_PER_TILE, perturb_multimodal, tiny_base, tiny_vision_config
-from tokenizers_for_tests import bpe_tokenizer, sentencepiece_tokenizer
+from genieblue_hf.testing import (
+    IMAGE_SIZE, TOKENS_PER_TILE, bpe_tokenizer, colour_image, model_for, sentencepiece_tokenizer,
+)
 
 
 def image_processor(max_tiles=4, **kwargs):
@@ -21,24 +22,9 @@ def image_processor(max_tiles=4, **kwargs):
                                    **kwargs)
 
 
-def colour_image(width, height, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(params=["bpe", "sentencepiece"])
 def tokenizer(request, tmp_path):
     return bpe_tokenizer() if request.param == "bpe" else sentencepiece_tokenizer(tmp_path)
-
-
-def model_for(tokenizer, kind="qwen2"):
-    """A tiny GenieBlue whose vocabulary covers the tokenizer (the processor's marker stays outside it)."""
-    vocab = len(tokenizer) + 4
-    model = GenieBlueForConditionalGeneration.from_base(
-        tiny_base(kind, vocab_size=vocab), SiglipVisionModel(tiny_vision_config())
-    ).eval()
-    perturb_multimodal(model)
-    return model
 
 
 # -- image processor --------------------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from genieblue_hf import publish as publish_module
 from genieblue_hf.cli import main
 from genieblue_hf.publish import parameter_counts
 
-from test_hub_packaging import populate_hub_cache, run_isolated, saved  # noqa: F401  (saved is a fixture)
+from genieblue_hf.testing import populate_hub_cache, run_isolated
 
 
 @pytest.fixture(scope="module")
-def published(saved, tmp_path_factory):  # noqa: F811
+def published(saved, tmp_path_factory):
     folder, _ = saved
     out = tmp_path_factory.mktemp("published") / "genieblue-tiny"
     assert main(["publish", str(folder), str(out), "--repo-id", "org/genieblue-tiny", "--base-model", "org/base"]) == 0
@@ -64,7 +64,7 @@ def test_publish_refuses_existing_output_and_keeps_it(published, caplog):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_push_without_network_fails_clearly_and_leaves_the_folder(saved, tmp_path, monkeypatch, caplog):  # noqa: F811
+def test_push_without_network_fails_clearly_and_leaves_the_folder(saved, tmp_path, monkeypatch, caplog):
     folder, _ = saved
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "push"
@@ -73,7 +73,7 @@ def test_push_without_network_fails_clearly_and_leaves_the_folder(saved, tmp_pat
     assert (out / "README.md").is_file() and (out / "config.json").is_file()
 
 
-def test_failure_while_writing_leaves_nothing(saved, tmp_path, monkeypatch):  # noqa: F811
+def test_failure_while_writing_leaves_nothing(saved, tmp_path, monkeypatch):
     folder, _ = saved
 
     def broken_save(self, path):

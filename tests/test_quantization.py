@@ -1,17 +1,14 @@
 """Mixed precision as in the paper (torchao): the text path stays the base quantized the same way, storage shrinks,
 and no CPU-specific kernel is reached."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from genieblue_hf.quantization import is_quantized, quantize_language_model, quantize_like_paper, storage_bytes
 
-from conftest import base_twin, image_row, perturb_multimodal, text_batch, tiny_base, tiny_genieblue, tiny_vision_config
+from genieblue_hf.testing import base_twin, image_row, perturb_multimodal, text_batch, tiny_base, tiny_genieblue, tiny_vision_config
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 
 def test_text_path_is_the_base_quantized_the_same_way():
@@ -57,10 +54,8 @@ def test_widths_not_divisible_by_32_run_in_any_process(in_features, bits):
     assert error < (0.05 if bits == 8 else 0.3), error
 
 
-def test_quantization_report_runs():
-    import bench_quantization
-
-    report = bench_quantization.main(["--size", "tiny", "--prompts", "2", "--steps", "3"])
+def test_quantization_report_runs(run_benchmark):
+    report = run_benchmark("bench_quantization.py", "--size", "tiny", "--prompts", "2", "--steps", "3")
     assert report["text_path_equals_quantized_base"] is True
     assert report["storage_mb"]["language_model"]["ratio"] < 1
     assert 0 <= report["multimodal_path"]["greedy_agreement"] <= 1

@@ -7,7 +7,7 @@ import torch
 
 from genieblue_hf import GenieBlueForConditionalGeneration
 
-from conftest import base_twin, image_row, state_hash, text_batch, tiny_genieblue
+from genieblue_hf.testing import base_twin, image_row, state_hash, text_batch, tiny_genieblue
 
 
 def assert_text_path_is_base(model, twin, dtype_note=""):
@@ -32,7 +32,7 @@ def test_text_path_equals_base_class(kind, dtype):
 
 def test_language_model_state_dict_is_the_base(kind):
     model = tiny_genieblue(kind)
-    from conftest import tiny_base
+    from genieblue_hf.testing import tiny_base
 
     original = tiny_base(kind).state_dict()
     ours = model.language_model.state_dict()

@@ -16,7 +16,7 @@ from genieblue_hf.conversion import convert
 from genieblue_hf.synthetic import compose_tiny, shape_image, shapes_dataset
 from genieblue_hf.training import ConversationCollator, ConversationDataset, multimodal_lora_config
 
-from conftest import base_twin, state_hash
+from genieblue_hf.testing import base_twin, state_hash
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

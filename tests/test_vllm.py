@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache per engine on the CPU
 vllm = pytest.importorskip("vllm", reason="the vLLM tests run in vLLM's environment (make test-vllm)")
 
-import vllm_support  # noqa: E402
+from genieblue_hf.vllm import testing as vllm_support  # noqa: E402
 
 from genieblue_hf.synthetic import shape_image  # noqa: E402
 

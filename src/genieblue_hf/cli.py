@@ -145,7 +145,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     hf_logging.set_verbosity_warning()
     log = logging.getLogger("genieblue")
-    from .conversion.atomic import OutputExistsError
+    from .atomic import OutputExistsError
     from .publish import PublishError
 
     try:

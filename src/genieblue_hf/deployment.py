@@ -24,8 +24,8 @@ from pathlib import Path
 
 from huggingface_hub import save_torch_state_dict
 
-from .conversion.atomic import atomic_output_dir
-from .conversion.converter import write_side_files
+from .atomic import atomic_output_dir
+from .conversion.side_files import write_side_files
 from .conversion.keymap import tied_keys
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers import AutoProcessor
 
-from .conversion.atomic import atomic_output_dir, refuse_existing
-from .conversion.converter import PROCESSOR_FILES, check_finite, require_genieblue_folder
+from .atomic import atomic_output_dir, refuse_existing
+from .conversion.converter import require_genieblue_folder
+from .conversion.side_files import PROCESSOR_FILES
+from .conversion.writer import check_finite
 from .modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 
 

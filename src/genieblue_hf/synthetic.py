@@ -65,21 +65,63 @@ def corpus():
     return words * 20
 
 
-def tiny_models(tokenizer, seed=0, hidden_size=64, num_layers=8, image_size=32, patch_size=8):
-    """A tiny Qwen2-style base LLM sized for ``tokenizer`` and a tiny SigLIP vision tower."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+# The one tiny-model factory (tests, examples, benchmarks and the miniature pass their own sizes). Its defaults are the
+# test suite's: 8 blocks (interval 4 -> replicated blocks 3 and 7), a 16x16 image in 4x4 patches (4 tokens per tile).
+TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=96, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    tie_word_embeddings=False,
+)
+TINY_VISION = dict(
+    hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4,
+    vision_use_head=False,
+)
+BASE_KINDS = ("qwen2", "llama")
 
+
+def tiny_text_config(kind="qwen2", **overrides):
+    """A small decoder config (``BASE_KINDS``); ``overrides`` set any field."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    if kind not in BASE_KINDS:
+        raise ValueError(f"kind must be one of {BASE_KINDS}, got {kind!r}")
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[kind]
+    return config_class(**{**TINY_TEXT, **overrides})
+
+
+def tiny_vision_config(**overrides):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(**{**TINY_VISION, **overrides})
+
+
+def tiny_base(kind="qwen2", seed=0, **overrides):
+    """A randomly initialised base LLM (the base's own CausalLM class), seeded, in evaluation mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_text_config(kind, **overrides)
     torch.manual_seed(seed)
-    base = Qwen2ForCausalLM(Qwen2Config(
-        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer) + 8, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    ))
-    vision = SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=patch_size, vision_use_head=False,
-    ))
-    return base.eval(), vision.eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_vision_tower(seed=0, **overrides):
+    """A randomly initialised SigLIP vision tower, seeded, in evaluation mode."""
+    from transformers import SiglipVisionModel
+
+    config = tiny_vision_config(**overrides)
+    torch.manual_seed(seed)
+    return SiglipVisionModel(config).eval()
+
+
+def tiny_models(tokenizer, seed=0, hidden_size=64, num_layers=8, image_size=32, patch_size=8):
+    """A tiny Qwen2-style base LLM sized for ``tokenizer`` and a tiny SigLIP vision tower (the demo's and examples')."""
+    base = tiny_base(
+        "qwen2", seed, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+        vocab_size=len(tokenizer) + 8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    vision = tiny_vision_tower(seed, hidden_size=32, intermediate_size=64, image_size=image_size, patch_size=patch_size)
+    return base, vision
 
 
 def compose_tiny(seed=0, max_tiles=1):

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 
-from ..conversion.atomic import atomic_output_dir, refuse_existing
+from ..atomic import atomic_output_dir, refuse_existing
 from .experiment import DEFAULT_RUNS, Settings, run
 
 
@@ -69,28 +69,6 @@ def render(results_path, out_dir=None):
     return results
 
 
-def portable_vision_keys(path):
-    """Store the SigLIP tower under ``vision_tower.vision_model.*``, the layout every transformers 5.x reads.
-
-    Recent 5.x releases dropped SigLIP's ``vision_model`` wrapper and save without it; they still read the wrapped
-    layout (as every SigLIP checkpoint on the Hub has it), but 5.0 reads only that one. Rewritten in place.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(path, "pt") as handle:
-        metadata = handle.metadata()
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    prefix = "vision_tower."
-    if any(key.startswith(prefix + "vision_model.") for key in tensors):
-        return
-    tensors = {
-        (f"{prefix}vision_model.{key[len(prefix):]}" if key.startswith(prefix) else key): value
-        for key, value in tensors.items()
-    }
-    save_file(tensors, path, metadata=metadata)
-
-
 def save_demo_model(model, processor, out_dir, overwrite=False):
     """Save a trained miniature model with its processor, without the remote-code files.
 
@@ -99,7 +77,6 @@ def save_demo_model(model, processor, out_dir, overwrite=False):
     """
     with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging, max_shard_size="50MB")
-        portable_vision_keys(staging / "model.safetensors")
         processor.save_pretrained(staging)
         for code in staging.glob("*.py"):
             code.unlink()

@@ -7,9 +7,8 @@ import random
 import torch
 from huggingface_hub.utils import tqdm
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from ..synthetic import build_bpe_tokenizer
+from ..synthetic import build_bpe_tokenizer, tiny_base, tiny_vision_tower
 from . import tasks
 from .loop import batches_of, train
 
@@ -24,23 +23,20 @@ def build_tokenizer():
 
 def new_base(tokenizer, hidden_size=64, num_layers=8, seed=0):
     """A randomly initialised Qwen2-style decoder; 8 blocks, so Pre, Post and Skip place their 2 copies apart."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+    return tiny_base(
+        "qwen2", seed, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         bos_token_id=None, tie_word_embeddings=True,
     )
-    return Qwen2ForCausalLM(config)
 
 
 def new_vision_tower(seed=0, hidden_size=64):
     """A 2-layer SigLIP tower over 32x32 images in 4x4 patches (an 8x8 grid: 16 image tokens after merging)."""
-    torch.manual_seed(seed)
-    return SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=2, num_attention_heads=2,
-        image_size=tasks.IMAGE_SIZE, patch_size=4, vision_use_head=False,
-    ))
+    return tiny_vision_tower(
+        seed, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=2, num_attention_heads=2,
+        image_size=tasks.IMAGE_SIZE, patch_size=4,
+    )
 
 
 def pretrain_base(base, collator, steps, batch_size, learning_rate, seed=0):

@@ -1,7 +1,7 @@
-"""A tiny published GenieBlue and its base, shaped for vLLM's CPU kernels, for the vLLM tests and benchmark."""
+"""A tiny published GenieBlue, its base and its dense export, shaped for vLLM's CPU kernels, and the engine settings
+the vLLM tests and benchmark share. Built with ``genieblue_hf.synthetic``'s tiny-model factory; needs no vLLM to build."""
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -16,22 +16,19 @@ VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 def build(root, seed=0, text=None, vision=None):
     """``root/genieblue`` (published, with multimodal_lora/), ``root/base`` (the base alone) and
     ``root/dense`` (``genieblue export-dense``: the multimodal path as one dense VLM); returns the folders."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-
-    from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
-    from genieblue_hf.cli import main
-    from genieblue_hf.synthetic import build_bpe_tokenizer, corpus
+    from .. import GenieBlueForConditionalGeneration, GenieBlueProcessor
+    from ..cli import main
+    from ..synthetic import build_bpe_tokenizer, corpus, tiny_base, tiny_vision_tower
 
     root = Path(root)
     tokenizer = build_bpe_tokenizer(corpus())
-    torch.manual_seed(seed)
-    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer) + 16, pad_token_id=tokenizer.pad_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, **(text or TEXT))).eval()
+    base = tiny_base("qwen2", seed, vocab_size=len(tokenizer) + 16, pad_token_id=tokenizer.pad_token_id,
+                     eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **(text or TEXT))
     with torch.no_grad():  # a sharper base than N(0, 0.02), so greedy tokens are not ties
         for param in base.parameters():
             if param.ndim > 1:
                 param.normal_(0, 0.2)
-    vision = SiglipVisionModel(SiglipVisionConfig(**(vision or VISION))).eval()
+    vision = tiny_vision_tower(seed, **(vision or VISION))
     model = GenieBlueForConditionalGeneration.from_base(base, vision).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -66,5 +63,3 @@ def genieblue_kwargs(folder, **overrides):
     return engine_kwargs(folder, enable_lora=True, max_lora_rank=max(8, rank), max_loras=2,
                          default_mm_loras={"image": str(folder / "multimodal_lora")}, **overrides)
 
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
