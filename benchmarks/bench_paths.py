@@ -47,6 +47,12 @@ SIZES = {
                           num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
                 vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
                             image_size=224, patch_size=14)),
+    # the ExecuTorch benchmark: weights dominate the program, 4 blocks (block 3 replicated, LoRA on 0-2), lowering
+    # takes minutes
+    "device": dict(text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True),
+                   vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=64, patch_size=8)),
     # GenieBlue-3B: Qwen2.5-3B and SigLIP-so400m-patch14-384 shapes (for accelerators: 8.5 GB in bf16)
     "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),

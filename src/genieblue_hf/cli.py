@@ -46,6 +46,13 @@ def _export_dense(args):
                  overwrite=args.overwrite, max_shard_size=args.max_shard_size)
 
 
+def _export_executorch(args):
+    from .executorch import export_executorch
+
+    export_executorch(args.model_dir, args.out_dir, max_cache_len=args.max_cache_len, quantize=args.quantize,
+                      overwrite=args.overwrite)
+
+
 def _bench_paper(args):
     from .miniature import Settings, render, reproduce
 
@@ -120,6 +127,20 @@ def build_parser():
     dense.add_argument("--overwrite", action="store_true")
     dense.add_argument("--max-shard-size", default="2GB")
     dense.set_defaults(func=_export_dense)
+
+    on_device = commands.add_parser(
+        "export-executorch",
+        help="an ExecuTorch program (XNNPACK): vision encoder, token embedding, text and multimodal decoders",
+    )
+    on_device.add_argument("model_dir", help="a saved GenieBlue model folder")
+    on_device.add_argument("out_dir", help="where to write model.pte and the tokenizer/processor files")
+    on_device.add_argument("--max-cache-len", type=int, default=1024,
+                           help="KV-cache positions of each decoder: prompt plus new tokens (default 1024)")
+    on_device.add_argument("--quantize", choices=["paper"],
+                           help="paper: int4 LLM and replicated blocks, int8 vision, projector and LoRA "
+                                "(8-bit dynamic activations)")
+    on_device.add_argument("--overwrite", action="store_true")
+    on_device.set_defaults(func=_export_executorch)
 
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
