@@ -22,11 +22,19 @@ needs = {"genieblue_hf.vllm.model": "vllm"}
 names = [m.name for m in pkgutil.walk_packages(genieblue_hf.__path__, "genieblue_hf.")
          if m.name not in needs or importlib.util.find_spec(needs[m.name]) is not None]
 assert "genieblue_hf.vllm" in names and "genieblue_hf.vllm.route_adapter" in names, names
+assert "genieblue_hf.executorch.export" in names and "genieblue_hf.executorch.runner" in names, names
 for name in names:
     importlib.import_module(name)
 print("imported", len(names), "modules from", genieblue_hf.__file__)
 PY
 "$venv/bin/genieblue" --help > /dev/null
-for command in compose convert export-dense publish; do "$venv/bin/genieblue" "$command" --help > /dev/null; done
+for command in compose convert export-dense export-executorch publish; do
+  "$venv/bin/genieblue" "$command" --help > /dev/null
+done
+# without the executorch extra, the export says what to install, in one line
+if "$venv/bin/python" -c "import executorch" 2> /dev/null; then echo "executorch should not be in a plain install"; exit 1; fi
+message="$("$venv/bin/genieblue" export-executorch "$work/none" "$work/out" 2>&1 || true)"
+echo "$message" | grep -q "pip install 'genieblue-hf\[executorch\]'" || { echo "unexpected: $message"; exit 1; }
+[ "$(echo "$message" | wc -l)" -eq 1 ] || { echo "not one line: $message"; exit 1; }
 "$venv/bin/python" "$repo/examples/quickstart.py"
 echo "wheel install OK"
