@@ -23,13 +23,16 @@ names = [m.name for m in pkgutil.walk_packages(genieblue_hf.__path__, "genieblue
          if m.name not in needs or importlib.util.find_spec(needs[m.name]) is not None]
 assert "genieblue_hf.vllm" in names and "genieblue_hf.vllm.route_adapter" in names, names
 assert "genieblue_hf.executorch.export" in names and "genieblue_hf.executorch.runner" in names, names
+import genieblue_paper  # the paper in miniature: research code beside the runtime package, in the same wheel
+assert "site-packages" in genieblue_paper.__file__, genieblue_paper.__file__
+names += [m.name for m in pkgutil.walk_packages(genieblue_paper.__path__, "genieblue_paper.")]
 for name in names:
     importlib.import_module(name)
-print("imported", len(names), "modules from", genieblue_hf.__file__)
+print("imported", len(names), "modules from", genieblue_hf.__file__, "and", genieblue_paper.__file__)
 PY
 "$venv/bin/genieblue" --help > /dev/null
-for command in compose convert export-dense export-executorch publish; do
-  "$venv/bin/genieblue" "$command" --help > /dev/null
+for command in compose convert export-dense export-executorch publish "bench paper"; do
+  "$venv/bin/genieblue" $command --help > /dev/null
 done
 # without the executorch extra, the export says what to install, in one line
 if "$venv/bin/python" -c "import executorch" 2> /dev/null; then echo "executorch should not be in a plain install"; exit 1; fi

@@ -14,7 +14,7 @@ import random
 import torch
 
 from genieblue_hf.demo import load_demo_model
-from genieblue_hf.miniature import tasks
+from genieblue_paper import tasks
 
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")

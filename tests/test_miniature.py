@@ -12,10 +12,10 @@ from transformers import SiglipVisionModel
 from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
 from genieblue_hf.cli import main as cli_main
 from genieblue_hf.demo import DEMO_MODEL_DIR, load_demo_model
-from genieblue_hf.miniature import Settings, render, reproduce, tasks
-from genieblue_hf.miniature import report as report_module
-from genieblue_hf.miniature.loop import batches_of, exact_match
-from genieblue_hf.miniature.variants import VARIANTS_BY_NAME, VisualExpertLinear, image_token_mask, make_visual_experts
+from genieblue_paper import Settings, render, reproduce, tasks
+from genieblue_paper import report as report_module
+from genieblue_paper.loop import batches_of, exact_match
+from genieblue_paper.variants import VARIANTS_BY_NAME, VisualExpertLinear, image_token_mask, make_visual_experts
 from genieblue_hf.training import ConversationCollator
 
 from genieblue_hf.testing import base_twin, tiny_base, tiny_vision_config

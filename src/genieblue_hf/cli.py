@@ -54,7 +54,7 @@ def _export_executorch(args):
 
 
 def _bench_paper(args):
-    from .miniature import Settings, render, reproduce
+    from genieblue_paper import Settings, render, reproduce
 
     if args.from_results:
         render(args.from_results)

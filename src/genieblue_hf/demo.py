@@ -2,7 +2,7 @@
 
 Its base LLM learnt the miniature's text task (made-up facts, sums, questions about scenes described in words); its
 multimodal path learnt to answer the same questions about 32x32 images of coloured shapes
-(``genieblue_hf.miniature.tasks.render_scene``). Regenerate it with
+(``genieblue_paper.tasks.render_scene``). Regenerate it with
 ``genieblue bench paper --save-demo-model src/genieblue_hf/demo_model --overwrite``.
 """
 

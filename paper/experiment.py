@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
-from ..modeling.processing_genieblue import GenieBlueProcessor
-from ..training import ConversationCollator
+from genieblue_hf.modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from genieblue_hf.modeling.processing_genieblue import GenieBlueProcessor
+from genieblue_hf.training import ConversationCollator
 from . import pretrain, tasks
 from .loop import batches_of, exact_match, train
 from .variants import VARIANTS, VARIANTS_BY_NAME

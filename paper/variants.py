@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..modeling.genieblue_dispatch import find_decoder_layers
-from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from genieblue_hf.modeling.genieblue_dispatch import find_decoder_layers
+from genieblue_hf.modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 
 
 _IMAGE_TOKEN_MASK = contextvars.ContextVar("genieblue_miniature_image_token_mask", default=None)
@@ -65,7 +65,7 @@ class VisualExpertLinear(nn.Module):
         if mask is None or mask.shape != x.shape[:-1]:
             raise RuntimeError(
                 "a CogVLM visual expert ran without the image-token mask of its batch; call the model inside "
-                "genieblue_hf.miniature.variants.image_token_mask(input_ids == image_token_id)"
+                "genieblue_paper.variants.image_token_mask(input_ids == image_token_id)"
             )
         return torch.where(mask.unsqueeze(-1), self.expert(x), self.original(x))
 

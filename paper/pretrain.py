@@ -8,7 +8,7 @@ import torch
 from huggingface_hub.utils import tqdm
 from torch import nn
 
-from ..synthetic import build_bpe_tokenizer, tiny_base, tiny_vision_tower
+from genieblue_hf.synthetic import build_bpe_tokenizer, tiny_base, tiny_vision_tower
 from . import tasks
 from .loop import batches_of, train
 

@@ -11,7 +11,7 @@ import torch
 from huggingface_hub.utils import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..training import IGNORE_INDEX
+from genieblue_hf.training import IGNORE_INDEX
 
 
 logger = logging.getLogger(__name__)

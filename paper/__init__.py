@@ -1,5 +1,7 @@
 """GenieBlue's central claims, reproduced in miniature on a CPU with synthetic data (``genieblue bench paper``).
 
+Research code, kept apart from the runtime package ``genieblue_hf``, which it uses like any user would.
+
 A tiny base LLM learns a text task, a tiny vision tower learns to see generated scenes, and then each of the
 paper's variants (Full-Finetune, LoRA, CogVLM-Skip, GenieBlue-Post/Pre/Skip) is trained on the same image-question
 data with the same budget. The tables it prints are shaped like the paper's Tables 3-6. ``tasks`` makes the data,
@@ -11,7 +13,7 @@ import json
 import logging
 import shutil
 
-from ..atomic import atomic_output_dir, refuse_existing
+from genieblue_hf.atomic import atomic_output_dir, refuse_existing
 from .experiment import DEFAULT_RUNS, Settings, run
 
 
