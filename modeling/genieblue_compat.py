@@ -29,13 +29,16 @@ def cache_argument(model):
     return _cache_argument_of(type(model).forward)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_field_of(output_class):
+    names = {f.name for f in dataclasses.fields(output_class)}
+    return next((name for name in CACHE_NAMES if name in names), None)
+
+
 def output_cache(output):
     """The KV cache a model output carries, whichever name its class declares (no deprecation warning)."""
-    names = {f.name for f in dataclasses.fields(output)}
-    for name in CACHE_NAMES:
-        if name in names:
-            return getattr(output, name)
-    return None
+    field = _cache_field_of(type(output))
+    return None if field is None else getattr(output, field)
 
 
 def one_cache(cache, past_key_values):

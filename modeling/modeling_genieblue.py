@@ -602,8 +602,9 @@ class GenieBlueForConditionalGeneration(GenieBluePreTrainedModel, GenerationMixi
                 routes, input_ids, pixel_values, inputs_embeds, past_key_values, lora_mode=lora_mode, **common
             )
         outputs.multimodal_rows = routes
-        if output_cache(outputs) is not None:
-            self._route_registry.record(output_cache(outputs), routes)
+        cache = output_cache(outputs)
+        if cache is not None:
+            self._route_registry.record(cache, routes)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return outputs if return_dict else outputs.to_tuple()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..modeling.genieblue_compat import one_cache
-from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration
+from ..modeling.modeling_genieblue import GenieBlueForConditionalGeneration, _floating_dtype
 
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ METHODS = ("vision_encoder", "token_embedding", "text_decoder", "multimodal_deco
 METADATA = ("get_max_seq_len", "get_vocab_size", "use_kv_cache", "image_token_id", "image_tokens_per_tile",
             "image_size", "hidden_size")
 DEFAULT_MAX_CACHE_LEN = 1024
+PROGRAM_FILE = "model.pte"
 QUANTIZATION_SCHEMES = ("paper",)
 
 
@@ -139,7 +140,7 @@ class VisionEncoder(nn.Module):
 def _decoder_program(model, max_cache_len, multimodal=False):
     hidden = model.config.get_text_config().hidden_size
     length = torch.export.Dim("tokens", min=1, max=max_cache_len - 1)
-    dtype = _compute_dtype(model)
+    dtype = _floating_dtype(model, torch.float32)
     example = (torch.zeros(1, 2, hidden, dtype=dtype), torch.arange(2))
     decoder = StaticCacheDecoder(DecoderForExport(model, multimodal), max_cache_len)
     return torch.export.export(decoder, example, dynamic_shapes=({1: length}, {0: length}), strict=False)
@@ -156,12 +157,8 @@ def _vision_program(model):
     config = model.config
     channels = getattr(config.vision_config, "num_channels", 3)
     size = config.vision_image_size
-    pixels = torch.zeros(1, channels, size, size, dtype=_compute_dtype(model.vision_tower))
+    pixels = torch.zeros(1, channels, size, size, dtype=_floating_dtype(model.vision_tower, torch.float32))
     return torch.export.export(VisionEncoder(model), (pixels,), strict=False)
-
-
-def _compute_dtype(module):
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _metadata(language_model, max_cache_len, genieblue=None):
@@ -247,12 +244,6 @@ def lower(programs, metadata):
     return edge.to_executorch()
 
 
-
-
-
-PROGRAM_FILE = "model.pte"
-
-
 def export_executorch(model, out_dir, max_cache_len=DEFAULT_MAX_CACHE_LEN, quantize=None, overwrite=False):
     """Write ``out_dir/model.pte`` (``METHODS``) and the model's tokenizer/processor files, atomically.
 
@@ -285,4 +276,8 @@ def export_executorch(model, out_dir, max_cache_len=DEFAULT_MAX_CACHE_LEN, quant
     logger.info("ExecuTorch program (%s) written to %s", ", ".join(METHODS), out_dir)
     return out_dir
 
-__all__ = ["METHODS", "METADATA", "PROGRAM_FILE", "export_executorch", "genieblue_programs", "language_model_programs", "lower"]
+
+__all__ = [
+    "METHODS", "METADATA", "PROGRAM_FILE", "export_executorch", "genieblue_programs", "language_model_programs",
+    "lower",
+]
