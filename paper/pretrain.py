@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def build_tokenizer():
     """A byte-level BPE tokenizer trained on the miniature's corpus (deterministic)."""
-    return build_bpe_tokenizer(tasks.corpus(), vocab_size=400)
+    return build_bpe_tokenizer(tasks.corpus(), vocab_size=512)
 
 
 def new_base(tokenizer, hidden_size=64, num_layers=8, seed=0):
@@ -32,16 +32,17 @@ def new_base(tokenizer, hidden_size=64, num_layers=8, seed=0):
 
 
 def new_vision_tower(seed=0, hidden_size=64):
-    """A 2-layer SigLIP tower over 32x32 images in 4x4 patches (an 8x8 grid: 16 image tokens after merging)."""
+    """A 2-layer SigLIP tower over 32x32 images in 4x4 patches (an 8x8 grid; the projector merges 4x4 of them into
+    one image token per quadrant)."""
     return tiny_vision_tower(
         seed, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=2, num_attention_heads=2,
         image_size=tasks.IMAGE_SIZE, patch_size=4,
     )
 
 
-def pretrain_base(base, collator, steps, batch_size, learning_rate, seed=0):
+def pretrain_base(base, collator, steps, batch_size, learning_rate, reading_share, seed=0):
     """Teach the base LLM the text task (chat-formatted, answers only in the loss), then freeze it."""
-    samples = tasks.text_train_samples(steps * batch_size, seed=seed)
+    samples = tasks.text_train_samples(steps * batch_size, seed=seed, reading_share=reading_share)
     batches = batches_of(collator, samples, batch_size)
     base.requires_grad_(True)
     schedule = [(batch, {}) for batch in batches]

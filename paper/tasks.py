@@ -3,8 +3,8 @@
 Text task (the base LLM's "language ability", standing in for the paper's NLP benchmarks):
   - ``facts``: closed-book recall of made-up facts ("where does zubo live?" -> "lund"), like MMLU's knowledge;
   - ``arithmetic``: single-digit sums ("what is 3 plus 4?" -> "7"), like GSM8K's skill;
-  - ``reading``: the multimodal questions about a scene *described in words* ("scene: a red circle at top left.
-    where is the red shape?" -> "top left"), like DROP's reading comprehension, tested on unseen scenes.
+  - ``reading``: the multimodal questions about a scene *described in words* ("scene: red circle northwest.
+    where is the red shape?" -> "northwest"), like DROP's reading comprehension, tested on unseen scenes.
 Facts and sums are learnt by heart; reading is a skill. Reading also gives the base the words and the reasoning the
 image questions need, as a real LLM has them before it meets images: multimodal training then has to connect
 image tokens to an ability the LLM has, not teach a new language.
@@ -24,7 +24,9 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 215), "yellow": (225, 190, 30)}
 SHAPES = ("square", "circle", "triangle")
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+# compass corners (north is up): one word, so one token, for each quadrant; a two-token answer ("top left") needs
+# the second word bound to the object again, which a model this small gets wrong (it says "top left" for "top right")
+QUADRANTS = ("northwest", "northeast", "southwest", "southeast")
 IMAGE_SIZE = 32
 
 _NAMES = [a + b for a in ("zu", "mi", "ka", "lo", "be", "ti", "ro", "sa") for b in ("bo", "pa", "ni", "dex", "ru")]
@@ -61,8 +63,18 @@ def _sum_sample(a, b):
 
 
 def describe_scene(scene):
-    """The scene in words, objects in a random but fixed order: "scene: a red circle at top left, ..."."""
-    return "scene: " + ", ".join(f"a {colour} {shape} at {quadrant}" for colour, shape, quadrant in scene) + "."
+    """The scene in words, objects in a random but fixed order: "scene: red circle northwest, ...".
+
+    Colour, shape, then position, each one word: the order a small base learnt best of those tried (shape and
+    position follow the colour that names the object; "northwest red circle" and "a red circle at top left" it
+    learnt less well in the same budget)."""
+    return "scene: " + ", ".join(f"{colour} {shape} {quadrant}" for colour, shape, quadrant in scene) + "."
+
+
+def reading_sample(scene, qa):
+    """The text form of an image question: the scene described in words, then the question (as the image comes
+    before the question in the image samples)."""
+    return _conversation(f"{describe_scene(scene)} {qa[0]}", qa[1])
 
 
 def _reading_sample(rng):
@@ -70,16 +82,31 @@ def _reading_sample(rng):
         scene = random_scene(rng)
         qa = scene_question(scene, rng.choice(QUESTION_KINDS), rng)
         if qa is not None:
-            return _conversation(f"{describe_scene(scene)} {qa[0]}", qa[1])
+            return reading_sample(scene, qa)
 
 
-def text_train_samples(count, seed):
-    """``count`` training conversations of the text task, the three kinds drawn at random."""
+def reading_by_kind(per_kind, seed):
+    """``per_kind`` reading questions of every kind, on new scenes, each sample tagged with its ``"kind"``."""
+    rng = random.Random(seed)
+    samples = []
+    for kind in QUESTION_KINDS:
+        count = 0
+        while count < per_kind:
+            scene = random_scene(rng)
+            qa = scene_question(scene, kind, rng)
+            if qa is not None:
+                samples.append({**reading_sample(scene, qa), "kind": kind})
+                count += 1
+    return samples
+
+
+def text_train_samples(count, seed, reading_share):
+    """``count`` training conversations of the text task: reading with ``reading_share``, facts and sums evenly."""
     rng = random.Random(seed)
     world = sorted(facts().items())
     samples = []
     for _ in range(count):
-        kind = rng.randrange(3)
+        kind = 2 if rng.random() < reading_share else rng.randrange(2)
         if kind == 0:
             samples.append(_fact_sample(*rng.choice(world)))
         elif kind == 1:
@@ -116,8 +143,8 @@ def render_scene(scene, seed=0, size=IMAGE_SIZE):
     half = size // 2
     for colour, shape, quadrant in scene:
         side = rng.randint(half * 5 // 8, half - 2)
-        x0 = (half if quadrant.endswith("right") else 0) + rng.randint(1, half - side - 1)
-        y0 = (half if quadrant.startswith("bottom") else 0) + rng.randint(1, half - side - 1)
+        x0 = (half if quadrant.endswith("east") else 0) + rng.randint(1, half - side - 1)
+        y0 = (half if quadrant.startswith("south") else 0) + rng.randint(1, half - side - 1)
         box = (x0, y0, x0 + side, y0 + side)
         fill = COLOURS[colour]
         if shape == "square":
@@ -178,4 +205,6 @@ def corpus():
               for shape in SHAPES for colour in COLOURS]
     lines += [f"how many shapes are there? {n} how many shapes plus {n}? {q}" for n in range(10) for q in QUADRANTS]
     lines += [describe_scene(random_scene(random.Random(seed))) for seed in range(50)]
+    # every answer also at the start of a line, as it stands after the chat template's "assistant\n": one token
+    lines += [*COLOURS, *SHAPES, *QUADRANTS, *_CITIES, *map(str, range(20))]
     return lines * 4

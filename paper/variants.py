@@ -102,11 +102,11 @@ class Variant:
     full_finetune: bool = False
     visual_expert: bool = False
 
-    def build(self, base, vision_tower, projector_state, lora_rank):
+    def build(self, base, vision_tower, projector_state, lora_rank, **config_overrides):
         """A model for this variant: copies of ``base`` and ``vision_tower``, the stage-1 projector, stage-2 grads."""
         model = GenieBlueForConditionalGeneration.from_base(
             copy.deepcopy(base), copy.deepcopy(vision_tower), replication_strategy=self.replication_strategy,
-            lora_rank=lora_rank, lora_alpha=2 * lora_rank,
+            lora_rank=lora_rank, lora_alpha=2 * lora_rank, **config_overrides,
         )
         model.multi_modal_projector.load_state_dict(projector_state)
         if self.visual_expert:
