@@ -40,7 +40,7 @@ def main():
              config.lora_rank, config.lora_layers)
 
     rng = random.Random(7)
-    scene = [("red", "circle", "top left"), ("blue", "triangle", "bottom right"), ("yellow", "square", "top right")]
+    scene = [("red", "circle", "northwest"), ("blue", "triangle", "southeast"), ("yellow", "square", "northeast")]
     image = tasks.render_scene(scene, seed=7)
     log.info("a generated 32x32 image showing: %s", tasks.describe_scene(scene)[len("scene: "):])
     right = 0
@@ -48,24 +48,26 @@ def main():
     for question, expected in questions:
         answer = ask(model, processor, question, image)[2]
         right += answer == expected
-        log.info("image + %-30r -> %-14r (expected %r; multimodal path)", question, answer, expected)
-    log.info("image questions answered correctly: %d of %d", right, len(questions))
+        log.info("[image] %s\n        -> %r (expected %r)", question, answer, expected)
+    log.info("image questions (multimodal path) answered correctly: %d of %d", right, len(questions))
 
     # the base LLM as its own, separate instance of its class, holding the same weights
     base = type(model.language_model)(model.language_model.config)
     base.load_state_dict(model.language_model.state_dict())
     base.eval()
-    identical = True
+    identical, right = True, 0
     text_questions = [("what is 3 plus 4?", "7"), ("where does zubo live?", tasks.facts()["zubo"]),
-                      (tasks.describe_scene(scene) + " where is the blue shape?", "bottom right"),
+                      (tasks.describe_scene(scene) + " where is the blue shape?", "southeast"),
                       (tasks.describe_scene(scene) + " what colour is the circle?", "red")]
     for question, expected in text_questions:
         inputs, new_tokens, answer = ask(model, processor, question)
         base_tokens = base.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
         same = torch.equal(new_tokens, base_tokens)
         identical &= same
-        log.info("text  %-32r -> %-14r (expected %r; base LLM, same tokens as the separate base: %s)",
-                 question[-32:], answer, expected, same)
+        right += answer == expected
+        log.info("[text]  %s\n        -> %r (expected %r; same tokens as the separate base: %s)",
+                 question, answer, expected, same)
+    log.info("text questions (base LLM path) answered correctly: %d of %d", right, len(text_questions))
     log.info("text path equals the base LLM, bit for bit: %s", identical)
     if not identical:
         raise SystemExit("text path differs from the base LLM")

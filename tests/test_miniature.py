@@ -112,9 +112,9 @@ def test_scenes_and_questions_agree():
                 assert [(c, s) for c, s, _ in scene if s == shape] == [(answer, shape)]
             if kind == "count_plus":
                 assert int(answer) == len(scene) + int(question.split()[-1].rstrip("?"))
-    scene = [("red", "square", "top left")]
+    scene = [("red", "square", "northwest")]
     image = tasks.render_scene(scene, seed=3)
-    assert image.getpixel((2, 30)) == (255, 255, 255)  # the bottom-left quadrant is empty
+    assert image.getpixel((2, 30)) == (255, 255, 255)  # the southwest (bottom-left) quadrant is empty
     assert tasks.COLOURS["red"] in {image.getpixel((x, y)) for x in range(16) for y in range(16)}
     assert image.tobytes() == tasks.render_scene(scene, seed=3).tobytes()
 
@@ -172,17 +172,37 @@ def demo():
     return load_demo_model()
 
 
+def _scores_by_kind(model, processor, samples, kind_of):
+    collator = ConversationCollator(processor)
+    stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    correct = exact_match(model, batches_of(collator, samples, 100), stop)
+    kinds = [kind_of(sample) for sample in samples]
+    return {kind: correct[[k == kind for k in kinds]].float().mean().item() for kind in dict.fromkeys(kinds)}
+
+
 def test_demo_model_is_small_and_answers_image_questions(demo):
+    """On scenes it never saw (another seed than training and the experiment's test set), 100 questions per kind.
+
+    A guard on the shipped model, at its measured level (docs/paper_in_miniature.md): counting and counting plus a
+    number are solved; colour, shape and position are capped by the base LLM's own binding (colour 38%, shape 74%,
+    position 57% measured), short of the >= 90% per kind the miniature aims for."""
     model, processor = demo
     size = sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir())
     assert size < 4_000_000
-    samples = tasks.multimodal_samples(100, seed=4242)
-    collator = ConversationCollator(processor)
-    stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    correct = exact_match(model, batches_of(collator, samples, 50), stop)
-    kinds = {kind: correct[[s["kind"] == kind for s in samples]].float().mean().item() for kind in tasks.QUESTION_KINDS}
-    assert kinds["count"] == 1.0 and kinds["count_plus"] >= 0.9, kinds
-    assert correct.float().mean() >= 0.5, kinds
+    scores = _scores_by_kind(model, processor, tasks.multimodal_samples(500, seed=4242), lambda s: s["kind"])
+    assert set(scores) == set(tasks.QUESTION_KINDS)
+    assert scores["count"] == 1.0 and scores["count_plus"] >= 0.95, scores
+    assert sum(scores.values()) / len(scores) >= 0.7, scores
+
+
+def test_demo_model_text_path_answers_the_text_task(demo):
+    """The base it serves text with knows every fact, nearly every sum, and counts described scenes."""
+    model, processor = demo
+    text = tasks.text_eval_samples(reading_count=250, seed=31_337)
+    assert _scores_by_kind(model, processor, text["facts"], lambda s: "facts")["facts"] == 1.0
+    assert _scores_by_kind(model, processor, text["arithmetic"], lambda s: "sums")["sums"] >= 0.95
+    reading = _scores_by_kind(model, processor, tasks.reading_by_kind(50, seed=5), lambda s: s["kind"])
+    assert reading["count"] == 1.0 and reading["count_plus"] >= 0.95, reading
 
 
 def test_exact_match_is_greedy_generation(demo):
