@@ -1,4 +1,4 @@
-"""The demo model: a tiny GenieBlue-Skip trained by ``genieblue bench paper`` (shipped inside the package, ~2 MB).
+"""The demo model: a tiny GenieBlue-Skip trained by ``genieblue bench paper`` (shipped inside the package, 2.4 MB).
 
 Its base LLM learnt the miniature's text task (made-up facts, sums, questions about scenes described in words); its
 multimodal path learnt to answer the same questions about 32x32 images of coloured shapes
