@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -295,7 +296,10 @@ def test_deepspeed_zero3_trainer_trains_keeps_the_base_and_converts(tmp_path):
 def test_readme_demo_runs():
     completed = run_example(sys.executable, "quickstart.py")
     assert "text path equals the base LLM, bit for bit: True" in completed.stderr
-    assert "image questions answered correctly:" in completed.stderr  # the packaged demo model (genieblue_hf.demo)
+    # the packaged demo model (genieblue_hf.demo): a tally for each path, every question printed whole
+    assert re.search(r"image questions \(multimodal path\) answered correctly: \d+ of 5", completed.stderr)
+    assert re.search(r"text questions \(base LLM path\) answered correctly: \d+ of 4", completed.stderr)
+    assert "[text]  scene: red circle northwest, blue triangle southeast" in completed.stderr
 
 
 def test_trainer_with_gradient_checkpointing_on_batches_mixing_image_and_text_rows(tiny, tmp_path):
