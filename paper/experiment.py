@@ -20,7 +20,7 @@ from genieblue_hf.modeling.modeling_genieblue import GenieBlueForConditionalGene
 from genieblue_hf.modeling.processing_genieblue import GenieBlueProcessor
 from genieblue_hf.training import ConversationCollator
 from . import pretrain, tasks
-from .loop import batches_of, exact_match, train
+from .loop import accuracy_by_kind, batches_of, exact_match, train
 from .variants import VARIANTS, VARIANTS_BY_NAME
 
 
@@ -133,9 +133,7 @@ def prepare(settings):
     logger.info("base LLM text scores: %s", {t: round(s.float().mean().item(), 3) for t, s in bench.base_text_scores.items()})
     reading = tasks.reading_by_kind(100, seed=30_000)
     correct = exact_match(base, batches_of(collator, reading, 128), bench.stop_token_id, forward=base_forward)
-    bench.base_reading_by_kind = {
-        kind: correct[[s["kind"] == kind for s in reading]].float().mean().item() for kind in tasks.QUESTION_KINDS
-    }
+    bench.base_reading_by_kind = accuracy_by_kind(correct, [sample["kind"] for sample in reading])
     logger.info("base LLM on the image questions' text form: %s", bench.base_reading_by_kind)
     return bench
 
@@ -156,8 +154,7 @@ def _pretrained_cache(settings):
 def _multimodal_scores(model, bench, forward):
     batches = batches_of(bench.collator, bench.multimodal_test, 128)
     correct = exact_match(model, batches, bench.stop_token_id, forward=forward)
-    kinds = [sample["kind"] for sample in bench.multimodal_test]
-    return {kind: correct[[k == kind for k in kinds]].float().mean().item() for kind in tasks.QUESTION_KINDS}
+    return accuracy_by_kind(correct, [sample["kind"] for sample in bench.multimodal_test])
 
 
 def _text_scores(model, bench, forward, route):

@@ -83,3 +83,8 @@ def exact_match(model, batches, stop_token_id, forward=None, **kwargs):
         scored = (target != IGNORE_INDEX) & ~after_stop
         results.append(((predicted == target) | ~scored).all(-1))
     return torch.cat(results)
+
+
+def accuracy_by_kind(correct, kinds):
+    """``{kind: accuracy}`` from per-sample ``correct`` and each sample's kind, kinds in first-seen order."""
+    return {kind: correct[[k == kind for k in kinds]].float().mean().item() for kind in dict.fromkeys(kinds)}

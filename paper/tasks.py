@@ -88,16 +88,10 @@ def _reading_sample(rng):
 def reading_by_kind(per_kind, seed):
     """``per_kind`` reading questions of every kind, on new scenes, each sample tagged with its ``"kind"``."""
     rng = random.Random(seed)
-    samples = []
-    for kind in QUESTION_KINDS:
-        count = 0
-        while count < per_kind:
-            scene = random_scene(rng)
-            qa = scene_question(scene, kind, rng)
-            if qa is not None:
-                samples.append({**reading_sample(scene, qa), "kind": kind})
-                count += 1
-    return samples
+    return [
+        {**reading_sample(*_question_on_new_scene(rng, kind)), "kind": kind}
+        for kind in QUESTION_KINDS for _ in range(per_kind)
+    ]
 
 
 def text_train_samples(count, seed, reading_share):
@@ -181,16 +175,22 @@ def scene_question(scene, kind, rng):
     raise ValueError(f"unknown question kind {kind!r}")
 
 
+def _question_on_new_scene(rng, kind):
+    """``(scene, (question, answer))``: new scenes are drawn until one answers a ``kind`` question unambiguously."""
+    while True:
+        scene = random_scene(rng)
+        qa = scene_question(scene, kind, rng)
+        if qa is not None:
+            return scene, qa
+
+
 def multimodal_samples(count, seed):
     """``count`` image conversations, question kinds in turn; the image is rendered from the scene."""
     rng = random.Random(seed)
     samples = []
-    while len(samples) < count:
-        kind = QUESTION_KINDS[len(samples) % len(QUESTION_KINDS)]
-        scene = random_scene(rng)
-        qa = scene_question(scene, kind, rng)
-        if qa is None:
-            continue
+    for index in range(count):
+        kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
+        scene, qa = _question_on_new_scene(rng, kind)
         sample = _conversation(*qa, image=render_scene(scene, seed=rng.randrange(2**31)))
         sample["kind"] = kind
         samples.append(sample)
