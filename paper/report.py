@@ -98,7 +98,9 @@ def table_multimodal(report):
 
 def reading_line(report):
     """The base's score on each image question asked in words: what the multimodal path can build on."""
-    scores = report.get("base_reading_by_kind") or {}
+    scores = report.get("base_reading_by_kind")
+    if not scores:  # a results.json written before the base was scored per kind
+        return "The base LLM's score on the image questions' text form is not in this results.json."
     return ("The base LLM on the image questions' text form (the scene described in words, 100 new scenes per "
             "kind): " + ", ".join(f"{kind} {100 * value:.0f}%" for kind, value in scores.items()) + ".")
 
@@ -124,9 +126,8 @@ def table_text(report):
     return "\n".join(lines)
 
 
-def _paired(report, name, other):
-    """Per-seed ``name`` minus ``other`` multimodal average, in points (runs with text data)."""
-    runs = _runs(report, True)
+def _paired(runs, name, other):
+    """Per-seed ``name`` minus ``other`` multimodal average, in points; ``runs`` as ``_runs`` returns them."""
     mine = {r["seed"]: _avg(r["multimodal"]) for r in runs.get(name, [])}
     theirs = {r["seed"]: _avg(r["multimodal"]) for r in runs.get(other, [])}
     return [100 * (mine[seed] - theirs[seed]) for seed in sorted(mine) if seed in theirs]
@@ -155,7 +156,7 @@ def claims(report):
     runs = _runs(report, True)
 
     def diff(name, other, claim, at_least=0.0):
-        values = _paired(report, name, other)
+        values = _paired(runs, name, other)
         rows.append((claim, f"{_fmt(values, percent=False)} points", _verdict(values, at_least)))
 
     diff(FULL, "LoRA", "LoRA-only clearly below Full-Finetune (paper: 90.6% retention)")

@@ -236,3 +236,11 @@ def test_tables_and_plot_survive_a_reference_that_scored_zero(quick_run, tmp_pat
     assert lora_row.endswith("| - |")
     report_module.plot(broken, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_tables_of_a_results_json_without_the_base_reading_scores(quick_run):
+    """A results.json written before the base was scored per kind renders, and says the scores are missing."""
+    _, report = quick_run
+    assert "The base LLM on the image questions' text form" in report_module.markdown(report)
+    older = {key: value for key, value in report.items() if key != "base_reading_by_kind"}
+    assert "is not in this results.json" in report_module.markdown(older)
