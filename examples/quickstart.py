@@ -19,6 +19,7 @@ from genieblue_paper import tasks
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("quickstart")
+MAX_NEW_TOKENS = 12  # the longest answer ("the yellow one is a triangle") and its end-of-turn token
 
 
 def ask(model, processor, question, image=None):
@@ -28,7 +29,7 @@ def ask(model, processor, question, image=None):
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=False)
     inputs = processor(text=prompt, images=None if image is None else [image])
-    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     return inputs, new_tokens, processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
@@ -57,11 +58,12 @@ def main():
     base.eval()
     identical, right = True, 0
     text_questions = [("what is 3 plus 4?", "7"), ("where does zubo live?", tasks.facts()["zubo"]),
-                      (tasks.describe_scene(scene) + " where is the blue shape?", "southeast"),
-                      (tasks.describe_scene(scene) + " what colour is the circle?", "red")]
+                      (tasks.describe_scene(scene) + " where is the blue shape?", "the blue shape is southeast"),
+                      (tasks.describe_scene(scene) + " what colour is the circle?", "the circle is red")]
     for question, expected in text_questions:
         inputs, new_tokens, answer = ask(model, processor, question)
-        base_tokens = base.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        base_output = base.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        base_tokens = base_output[:, inputs["input_ids"].shape[1]:]
         same = torch.equal(new_tokens, base_tokens)
         identical &= same
         right += answer == expected

@@ -33,7 +33,7 @@ DEFAULT_RUNS = tuple((variant.name, True) for variant in VARIANTS) + (("Full-Fin
 
 @dataclass
 class Settings:
-    """Sizes and budgets; the defaults take about 15 minutes on a 2-core CPU (about 5 of them pretraining the base,
+    """Sizes and budgets; the defaults take about an hour on a 2-core CPU (most of it pretraining the base,
     which ``cache_dir`` keeps for later runs)."""
 
     seeds: tuple = (0, 1, 2)
@@ -42,7 +42,8 @@ class Settings:
     lora_rank: int = 8
     downsample_ratio: int = 4  # 4x4 patches per image token: one token per quadrant, i.e. per object
     batch_size: int = 32
-    base_steps: int = 4000
+    copying_steps: int = 300  # the base's generic pretraining (copying strings) before the text task
+    base_steps: int = 8000
     base_learning_rate: float = 1e-3
     reading_share: float = 0.9  # of the base's text-task samples; facts and sums are few and learnt by heart
     vision_steps: int = 200
@@ -60,8 +61,8 @@ class Settings:
         """Short settings for tests: the whole pipeline, seconds per stage, one seed and three variants."""
         return cls(
             seeds=(0,), runs=(("Full-Finetune", True), ("LoRA", True), ("GenieBlue-Skip", True)),
-            base_steps=60, vision_steps=20, stage1_steps=10, stage2_steps=20, multimodal_test_size=50,
-            smoke_test=True,
+            copying_steps=10, base_steps=60, vision_steps=20, stage1_steps=10, stage2_steps=20,
+            multimodal_test_size=50, smoke_test=True,
         )
 
     def check(self):
@@ -70,6 +71,8 @@ class Settings:
                 raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS_BY_NAME)}")
         if not self.seeds:
             raise ValueError("settings.seeds is empty")
+        if self.copying_steps < 0:
+            raise ValueError(f"settings.copying_steps must be >= 0, got {self.copying_steps}")
         for name in ("base_steps", "vision_steps", "stage1_steps", "stage2_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"settings.{name} must be at least 1, got {getattr(self, name)}")
@@ -109,7 +112,7 @@ def prepare(settings):
         logger.info("pretrained base and vision tower read from %s", cached)
     else:
         pretrain.pretrain_base(base, collator, settings.base_steps, settings.batch_size, settings.base_learning_rate,
-                               reading_share=settings.reading_share)
+                               reading_share=settings.reading_share, copying_steps=settings.copying_steps)
         pretrain.pretrain_vision(vision, processor.image_processor, settings.vision_steps, 64, 2e-3)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,9 @@ def prepare(settings):
     return bench
 
 
-PRETRAINING_SETTINGS = ("hidden_size", "batch_size", "base_steps", "base_learning_rate", "reading_share", "vision_steps")
+PRETRAINING_SETTINGS = (
+    "hidden_size", "batch_size", "copying_steps", "base_steps", "base_learning_rate", "reading_share", "vision_steps",
+)
 
 
 def _pretrained_cache(settings):

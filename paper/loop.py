@@ -9,7 +9,7 @@ import logging
 
 import torch
 from huggingface_hub.utils import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
 
 from genieblue_hf.training import IGNORE_INDEX
 
@@ -31,8 +31,9 @@ def _model_inputs(batch):
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
 
-def train(model, schedule, learning_rate, desc, forward=None, warmup_fraction=0.05):
-    """AdamW over the parameters that require grad, cosine schedule; ``schedule`` is a list of ``(batch, kwargs)``.
+def train(model, schedule, learning_rate, desc, forward=None, warmup_fraction=0.05, constant_lr=False):
+    """AdamW over the parameters that require grad, cosine schedule with warm-up (or a constant learning rate);
+    ``schedule`` is a list of ``(batch, kwargs)``.
 
     ``forward(model, inputs, kwargs)`` runs one batch (default: ``model(**inputs, **kwargs)``), so a variant can wrap
     the call (the visual-expert mask). Returns the mean loss of the last tenth of the steps.
@@ -42,7 +43,10 @@ def train(model, schedule, learning_rate, desc, forward=None, warmup_fraction=0.
         raise ValueError(f"{desc}: nothing to train (no parameter requires grad)")
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     steps = len(schedule)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(steps * warmup_fraction)), steps)
+    if constant_lr:
+        scheduler = get_constant_schedule(optimizer)
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(steps * warmup_fraction)), steps)
     forward = forward or _call
     model.train()
     tail = []

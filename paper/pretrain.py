@@ -9,6 +9,7 @@ from huggingface_hub.utils import tqdm
 from torch import nn
 
 from genieblue_hf.synthetic import build_bpe_tokenizer, tiny_base, tiny_vision_tower
+from genieblue_hf.training import IGNORE_INDEX
 from . import tasks
 from .loop import batches_of, train
 
@@ -40,16 +41,53 @@ def new_vision_tower(seed=0, hidden_size=64):
     )
 
 
-def pretrain_base(base, collator, steps, batch_size, learning_rate, reading_share, seed=0):
-    """Teach the base LLM the text task (chat-formatted, answers only in the loss), then freeze it."""
+COPYING_TOKEN_IDS = (200, 400)  # ordinary BPE merges of the miniature's 480-token vocabulary, none special or added
+
+
+def copying_batches(steps, batch_size, separator_id, length=8, seed=0):
+    """Random strings of ``length`` tokens, a separator, then the same string again, the loss on the repeat."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        string = torch.randint(*COPYING_TOKEN_IDS, (batch_size, length), generator=generator)
+        input_ids = torch.cat([string, torch.full((batch_size, 1), separator_id), string], dim=1)
+        labels = input_ids.clone()
+        labels[:, : length + 1] = IGNORE_INDEX
+        batches.append({"input_ids": input_ids, "labels": labels})
+    return batches
+
+
+def learn_copying(base, steps, batch_size, learning_rate, separator_id, seed=0):
+    """Teach the fresh base to copy (``copying_batches``); returns the mean loss of the last tenth of the steps.
+
+    The generic pretraining every real LLM has had: copying from the context ("induction heads") is what the scene
+    questions build on, and without it the miniature's base answered them at the level of naming any object of the
+    scene. A constant learning rate with its own optimizer, because under the text task's warm-up and cosine
+    schedule the copying was not learnt (docs/paper_in_miniature.md)."""
+    batches = copying_batches(steps, batch_size, separator_id, seed=seed)
+
+    def forward(model, inputs, _kwargs):  # every row is full: no attention mask
+        return model(input_ids=inputs["input_ids"], labels=inputs["labels"])
+
+    base.requires_grad_(True)
+    return train(base, [(batch, {}) for batch in batches], learning_rate, desc="base LLM copying", forward=forward,
+                 constant_lr=True)
+
+
+def pretrain_base(base, collator, steps, batch_size, learning_rate, reading_share, copying_steps=0, seed=0):
+    """Teach the base LLM to copy (``copying_steps``), then the text task (chat-formatted, answers only in the
+    loss), then freeze it."""
     samples = tasks.text_train_samples(steps * batch_size, seed=seed, reading_share=reading_share)
     batches = batches_of(collator, samples, batch_size)
     base.requires_grad_(True)
-    schedule = [(batch, {}) for batch in batches]
 
     def forward(model, inputs, _kwargs):
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
 
+    if copying_steps:
+        learn_copying(base, copying_steps, batch_size, learning_rate,
+                      separator_id=collator.processor.tokenizer.convert_tokens_to_ids("#"), seed=seed)
+    schedule = [(batch, {}) for batch in batches]
     train(base, schedule, learning_rate, desc="base LLM on the text task", forward=forward)
     return base.requires_grad_(False).eval()
 

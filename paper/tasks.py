@@ -3,8 +3,9 @@
 Text task (the base LLM's "language ability", standing in for the paper's NLP benchmarks):
   - ``facts``: closed-book recall of made-up facts ("where does zubo live?" -> "lund"), like MMLU's knowledge;
   - ``arithmetic``: single-digit sums ("what is 3 plus 4?" -> "7"), like GSM8K's skill;
-  - ``reading``: the multimodal questions about a scene *described in words* ("scene: red circle northwest.
-    where is the red shape?" -> "northwest"), like DROP's reading comprehension, tested on unseen scenes.
+  - ``reading``: the multimodal questions about a scene *described in words* ("scene: red circle, red northwest.
+    where is the red shape?" -> "the red shape is northwest"), like DROP's reading comprehension, tested on unseen
+    scenes.
 Facts and sums are learnt by heart; reading is a skill. Reading also gives the base the words and the reasoning the
 image questions need, as a real LLM has them before it meets images: multimodal training then has to connect
 image tokens to an ability the LLM has, not teach a new language.
@@ -63,12 +64,14 @@ def _sum_sample(a, b):
 
 
 def describe_scene(scene):
-    """The scene in words, objects in a random but fixed order: "scene: red circle northwest, ...".
+    """The scene in words, objects in a random but fixed order: "scene: red circle, red northwest, ...".
 
-    Colour, shape, then position, each one word: the order a small base learnt best of those tried (shape and
-    position follow the colour that names the object; "northwest red circle" and "a red circle at top left" it
-    learnt less well in the same budget)."""
-    return "scene: " + ", ".join(f"{colour} {shape} {quadrant}" for colour, shape, quadrant in scene) + "."
+    Each object is two pairs, its colour then its shape, and its colour then its position: every question is then
+    answered by one word that stands next to the colour (or, for colour questions, next to the shape), the one
+    lookup the small base learns. Described as "red circle northwest" or "northwest red circle", the link between
+    colour and position was never learnt: the base named the position of any object of the scene
+    (docs/paper_in_miniature.md)."""
+    return "scene: " + ", ".join(f"{colour} {shape}, {colour} {quadrant}" for colour, shape, quadrant in scene) + "."
 
 
 def reading_sample(scene, qa):
@@ -154,19 +157,25 @@ QUESTION_KINDS = ("colour", "shape", "count", "position", "count_plus")
 
 
 def scene_question(scene, kind, rng):
-    """``(question, answer)`` of one kind about ``scene``; ``None`` if the scene cannot answer it unambiguously."""
+    """``(question, answer)`` of one kind about ``scene``; ``None`` if the scene cannot answer it unambiguously.
+
+    Colour, shape and position answers name their object first, as chat models do ("where is the red shape?" ->
+    "the red shape is northwest"): in the scene, the answer word stands next to a word the answer has just named,
+    one lookup, the copying a pretrained LLM already does. The bare answer ("northwest") needs that lookup in one
+    jump from the question, which a base this small did not learn (docs/paper_in_miniature.md: it answered at the
+    level of naming any object of the scene)."""
     if kind == "colour":
         shapes = [shape for _, shape, _ in scene]
         unique = [shape for shape in shapes if shapes.count(shape) == 1]
         if not unique:
             return None
         shape = rng.choice(unique)
-        return f"what colour is the {shape}?", next(c for c, s, _ in scene if s == shape)
+        return f"what colour is the {shape}?", f"the {shape} is {next(c for c, s, _ in scene if s == shape)}"
     colour, shape, quadrant = rng.choice(scene)
     if kind == "shape":
-        return f"what shape is the {colour} one?", shape
+        return f"what shape is the {colour} one?", f"the {colour} one is a {shape}"
     if kind == "position":
-        return f"where is the {colour} shape?", quadrant
+        return f"where is the {colour} shape?", f"the {colour} shape is {quadrant}"
     if kind == "count":
         return "how many shapes are there?", str(len(scene))
     if kind == "count_plus":

@@ -12,7 +12,7 @@ from transformers import SiglipVisionModel
 from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
 from genieblue_hf.cli import main as cli_main
 from genieblue_hf.demo import DEMO_MODEL_DIR, load_demo_model
-from genieblue_paper import Settings, render, reproduce, tasks
+from genieblue_paper import Settings, pretrain, render, reproduce, tasks
 from genieblue_paper import report as report_module
 from genieblue_paper.loop import accuracy_by_kind, batches_of, exact_match
 from genieblue_paper.variants import VARIANTS_BY_NAME, VisualExpertLinear, image_token_mask, make_visual_experts
@@ -109,7 +109,13 @@ def test_scenes_and_questions_agree():
             question, answer = qa
             if kind == "colour":
                 shape = question.split()[-1].rstrip("?")
-                assert [(c, s) for c, s, _ in scene if s == shape] == [(answer, shape)]
+                [colour] = [c for c, s, _ in scene if s == shape]
+                assert answer == f"the {shape} is {colour}"
+            if kind in ("shape", "position"):  # the object is named by its colour, unique in a scene
+                colour = question.split()[-2]
+                [(shape, quadrant)] = [(s, q) for c, s, q in scene if c == colour]
+                assert answer == {"shape": f"the {colour} one is a {shape}",
+                                  "position": f"the {colour} shape is {quadrant}"}[kind]
             if kind == "count_plus":
                 assert int(answer) == len(scene) + int(question.split()[-1].rstrip("?"))
     scene = [("red", "square", "northwest")]
@@ -117,6 +123,21 @@ def test_scenes_and_questions_agree():
     assert image.getpixel((2, 30)) == (255, 255, 255)  # the southwest (bottom-left) quadrant is empty
     assert tasks.COLOURS["red"] in {image.getpixel((x, y)) for x in range(16) for y in range(16)}
     assert image.tobytes() == tasks.render_scene(scene, seed=3).tobytes()
+
+
+def test_the_base_learns_to_copy_before_the_text_task():
+    """The copying stage leaves a base that repeats a string it has never seen, greedily, token for token."""
+    tokenizer = pretrain.build_tokenizer()
+    base = pretrain.new_base(tokenizer)
+    separator = tokenizer.convert_tokens_to_ids("#")
+    final_loss = pretrain.learn_copying(base, steps=250, batch_size=32, learning_rate=1e-3, separator_id=separator)
+    assert final_loss < 0.3, final_loss
+    strings = torch.randint(*pretrain.COPYING_TOKEN_IDS, (20, 8), generator=torch.Generator().manual_seed(99))
+    prompts = torch.cat([strings, torch.full((20, 1), separator)], dim=1)
+    with torch.no_grad():
+        repeated = base.eval().generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8,
+                                        min_new_tokens=8, do_sample=False)[:, 9:]
+    assert (repeated == strings).all(-1).float().mean() >= 0.9
 
 
 def _tiny_variant(name):
@@ -181,9 +202,9 @@ def _scores_by_kind(model, processor, samples, kinds):
 def test_demo_model_is_small_and_answers_image_questions(demo):
     """On scenes it never saw (another seed than training and the experiment's test set), 100 questions per kind.
 
-    A guard on the shipped model, at its measured level (docs/paper_in_miniature.md): counting and counting plus a
-    number are solved; colour, shape and position are capped by the base LLM's own binding (colour 38%, shape 74%,
-    position 57% measured), short of the >= 90% per kind the miniature aims for."""
+    A guard on the shipped model, at its measured level (docs/paper_in_miniature.md: count 100%, count_plus 100%,
+    shape 72%, colour 66%, position 58%), short of the >= 90% per kind the miniature aims for: its base binds words
+    to objects in a scene described in words, but the image side does not carry that over."""
     model, processor = demo
     size = sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir())
     assert size < 4_000_000
@@ -191,19 +212,20 @@ def test_demo_model_is_small_and_answers_image_questions(demo):
     scores = _scores_by_kind(model, processor, samples, [sample["kind"] for sample in samples])
     assert set(scores) == set(tasks.QUESTION_KINDS)
     assert scores["count"] == 1.0 and scores["count_plus"] >= 0.95, scores
-    assert sum(scores.values()) / len(scores) >= 0.7, scores
+    assert min(scores.values()) >= 0.5 and sum(scores.values()) / len(scores) >= 0.75, scores
 
 
 def test_demo_model_text_path_answers_the_text_task(demo):
-    """The base it serves text with knows every fact, nearly every sum, and counts described scenes."""
+    """The base it serves text with knows every fact and sum, and answers >= 90% of every kind of question about
+    scenes described in words (measured: colour, count, position, count_plus 100%, shape 94%)."""
     model, processor = demo
     text = tasks.text_eval_samples(reading_count=250, seed=31_337)
     kinds = ["facts"] * len(text["facts"]) + ["sums"] * len(text["arithmetic"])
     scores = _scores_by_kind(model, processor, text["facts"] + text["arithmetic"], kinds)
-    assert scores["facts"] == 1.0 and scores["sums"] >= 0.95, scores
+    assert scores["facts"] == 1.0 and scores["sums"] >= 0.98, scores
     samples = tasks.reading_by_kind(50, seed=5)
     reading = _scores_by_kind(model, processor, samples, [sample["kind"] for sample in samples])
-    assert reading["count"] == 1.0 and reading["count_plus"] >= 0.95, reading
+    assert all(score >= 0.9 for score in reading.values()), reading
 
 
 def test_exact_match_is_greedy_generation(demo):
@@ -217,7 +239,7 @@ def test_exact_match_is_greedy_generation(demo):
     for sample in samples:
         prompt = processor.apply_chat_template(sample["messages"][:1], add_generation_prompt=True, tokenize=False)
         inputs = processor(text=prompt, images=sample["images"] or None)
-        output = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        output = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         generated.append(processor.decode(output, skip_special_tokens=False).split("<|im_end|>")[0] == sample["answer"]
                          and stop in output.tolist())
     assert scored == generated

@@ -299,7 +299,7 @@ def test_readme_demo_runs():
     # the packaged demo model (genieblue_hf.demo): a tally for each path, every question printed whole
     assert re.search(r"image questions \(multimodal path\) answered correctly: \d+ of 5", completed.stderr)
     assert re.search(r"text questions \(base LLM path\) answered correctly: \d+ of 4", completed.stderr)
-    assert "[text]  scene: red circle northwest, blue triangle southeast" in completed.stderr
+    assert "[text]  scene: red circle, red northwest, blue triangle, blue southeast" in completed.stderr
 
 
 def test_trainer_with_gradient_checkpointing_on_batches_mixing_image_and_text_rows(tiny, tmp_path):

@@ -145,7 +145,7 @@ def build_parser():
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
     paper = benches.add_parser(
-        "paper", help="the paper's Tables 3-6 in miniature: synthetic data, tiny models, CPU, ~15 minutes"
+        "paper", help="the paper's Tables 3-6 in miniature: synthetic data, tiny models, CPU, ~1 hour"
     )
     paper.add_argument("--out", default="docs/miniature", help="folder for results.json, tables.md, retention.png")
     paper.add_argument("--quick", action="store_true", help="seconds-long settings (one seed, three variants)")
