@@ -42,6 +42,7 @@ def new_vision_tower(seed=0, hidden_size=64):
 
 
 COPYING_TOKEN_IDS = (200, 400)  # ordinary BPE merges of the miniature's 480-token vocabulary, none special or added
+COPYING_SEPARATOR = "#"  # between a string and its repeat
 
 
 def copying_batches(steps, batch_size, separator_id, length=8, seed=0):
@@ -86,7 +87,7 @@ def pretrain_base(base, collator, steps, batch_size, learning_rate, reading_shar
 
     if copying_steps:
         learn_copying(base, copying_steps, batch_size, learning_rate,
-                      separator_id=collator.processor.tokenizer.convert_tokens_to_ids("#"), seed=seed)
+                      separator_id=collator.processor.tokenizer.convert_tokens_to_ids(COPYING_SEPARATOR), seed=seed)
     schedule = [(batch, {}) for batch in batches]
     train(base, schedule, learning_rate, desc="base LLM on the text task", forward=forward)
     return base.requires_grad_(False).eval()

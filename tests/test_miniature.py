@@ -129,11 +129,11 @@ def test_the_base_learns_to_copy_before_the_text_task():
     """The copying stage leaves a base that repeats a string it has never seen, greedily, token for token."""
     tokenizer = pretrain.build_tokenizer()
     base = pretrain.new_base(tokenizer)
-    separator = tokenizer.convert_tokens_to_ids("#")
+    separator = tokenizer.convert_tokens_to_ids(pretrain.COPYING_SEPARATOR)
     final_loss = pretrain.learn_copying(base, steps=250, batch_size=32, learning_rate=1e-3, separator_id=separator)
     assert final_loss < 0.3, final_loss
-    strings = torch.randint(*pretrain.COPYING_TOKEN_IDS, (20, 8), generator=torch.Generator().manual_seed(99))
-    prompts = torch.cat([strings, torch.full((20, 1), separator)], dim=1)
+    [unseen] = pretrain.copying_batches(1, 20, separator, seed=99)  # another seed than the training strings
+    prompts, strings = unseen["input_ids"][:, :9], unseen["input_ids"][:, 9:]
     with torch.no_grad():
         repeated = base.eval().generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8,
                                         min_new_tokens=8, do_sample=False)[:, 9:]
