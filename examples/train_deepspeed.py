@@ -26,6 +26,8 @@ from transformers import Trainer, TrainingArguments
 from genieblue_hf.synthetic import compose_tiny, shapes_dataset
 from genieblue_hf.training import ConversationCollator
 
+from train_stage1 import finish
+
 PROBE_SEED = 99
 ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
@@ -70,6 +72,7 @@ def main():
         if args.report:
             with open(args.report, "w") as f:
                 json.dump(report, f)
+    finish(trainer)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ def training_arguments(args, **overrides):
     return TrainingArguments(**values)
 
 
+def finish(trainer):
+    """End a Trainer run cleanly on every rank: wait for the others, then tear the process group down.
+
+    Left to interpreter exit, a gloo process group can be destroyed while its threads still run, and that rank
+    aborts ("terminate called without an active exception") after its work is saved."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
 def main():
     args = parse_args(stage_default_steps=30).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -59,7 +68,9 @@ def main():
                       data_collator=ConversationCollator(processor))
     trainer.train()
     trainer.save_model(args.out)
-    processor.save_pretrained(args.out)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(args.out)
+    finish(trainer)
 
 
 if __name__ == "__main__":

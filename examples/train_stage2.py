@@ -15,7 +15,7 @@ from transformers import Trainer
 from genieblue_hf.synthetic import shapes_dataset
 from genieblue_hf.training import ConversationCollator
 
-from train_stage1 import load, parse_args, training_arguments
+from train_stage1 import finish, load, parse_args, training_arguments
 
 
 def main():
@@ -38,6 +38,7 @@ def main():
     trainer.save_model(args.out)
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.out)
+    finish(trainer)
 
 
 if __name__ == "__main__":
