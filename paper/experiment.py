@@ -52,7 +52,8 @@ class Settings:
     text_mix: float = 2 / 7  # text batches per image batch, the paper's 2M text samples on top of 7M
     learning_rate: float = 1e-3
     multimodal_test_size: int = 500
-    threads: int = 2
+    threads: int = 2  # CPU threads in all: pretraining uses them all, each of the `jobs` workers its share
+    jobs: int = 2  # variant runs trained at once, each in its own process (1: all in this process, in turn)
     cache_dir: str = None  # keep the pretrained base and vision tower here, keyed by the settings that shape them
     smoke_test: bool = False  # seconds-long settings: the pipeline runs, the numbers mean nothing (labelled so)
 
@@ -62,7 +63,7 @@ class Settings:
         return cls(
             seeds=(0,), runs=(("Full-Finetune", True), ("LoRA", True), ("GenieBlue-Skip", True)),
             copying_steps=10, base_steps=60, vision_steps=20, stage1_steps=10, stage2_steps=20,
-            multimodal_test_size=50, smoke_test=True,
+            multimodal_test_size=50, jobs=1, smoke_test=True,
         )
 
     def check(self):
@@ -76,6 +77,8 @@ class Settings:
         for name in ("base_steps", "vision_steps", "stage1_steps", "stage2_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"settings.{name} must be at least 1, got {getattr(self, name)}")
+        if self.jobs < 1 or self.threads < self.jobs:
+            raise ValueError(f"settings.jobs must be between 1 and settings.threads ({self.threads}), got {self.jobs}")
         if self.text_mix < 0:
             raise ValueError(f"settings.text_mix must be >= 0, got {self.text_mix}")
 
@@ -95,8 +98,12 @@ class Bench:
     base_reading_by_kind: dict = field(default_factory=dict)  # the base on each question kind, scene in words
 
 
-def prepare(settings):
-    """Tokenizer, processor, base LLM (pretrained on the text task) and vision tower (pretrained on the scenes)."""
+def prepare(settings, pretrained=None, score_base=True):
+    """Tokenizer, processor, base LLM (pretrained on the text task) and vision tower (pretrained on the scenes).
+
+    ``pretrained`` (``{"base": state, "vision": state}``) skips the pretraining (a worker process gets the parent's);
+    ``score_base=False`` skips reporting the base's scores (only the parent reports them; a worker still scores the
+    base on the text benchmark, with its own thread count, to compare the non-shared path with)."""
     tokenizer = pretrain.build_tokenizer()
     base = pretrain.new_base(tokenizer, hidden_size=settings.hidden_size)
     vision = pretrain.new_vision_tower()
@@ -104,12 +111,13 @@ def prepare(settings):
     processor = GenieBlueProcessor.for_model(config, tokenizer, max_tiles=1)
     collator = ConversationCollator(processor)
     cached = _pretrained_cache(settings)
-    if cached is not None and cached.exists():
-        state = torch.load(cached, weights_only=True)
+    if pretrained is not None or (cached is not None and cached.exists()):
+        state = pretrained if pretrained is not None else torch.load(cached, weights_only=True)
         base.load_state_dict(state["base"])
         vision.load_state_dict(state["vision"])
         base.requires_grad_(False).eval(), vision.eval()
-        logger.info("pretrained base and vision tower read from %s", cached)
+        if pretrained is None:
+            logger.info("pretrained base and vision tower read from %s", cached)
     else:
         pretrain.pretrain_base(base, collator, settings.base_steps, settings.batch_size, settings.base_learning_rate,
                                reading_share=settings.reading_share, copying_steps=settings.copying_steps)
@@ -133,6 +141,8 @@ def prepare(settings):
         task: exact_match(base, batches, bench.stop_token_id, forward=base_forward)
         for task, batches in bench.text_test.items()
     }
+    if not score_base:
+        return bench
     logger.info("base LLM text scores: %s", {t: round(s.float().mean().item(), 3) for t, s in bench.base_text_scores.items()})
     reading = tasks.reading_by_kind(100, seed=30_000)
     correct = exact_match(base, batches_of(collator, reading, 128), bench.stop_token_id, forward=base_forward)
@@ -141,8 +151,9 @@ def prepare(settings):
     return bench
 
 
-PRETRAINING_SETTINGS = (
+PRETRAINING_SETTINGS = (  # threads too: the pretrained weights' last bits depend on the thread count
     "hidden_size", "batch_size", "copying_steps", "base_steps", "base_learning_rate", "reading_share", "vision_steps",
+    "threads",
 )
 
 
@@ -169,11 +180,8 @@ def _text_scores(model, bench, forward, route):
     }
 
 
-def run_seed(bench, settings, seed, keep=None):
-    """Stage 1 once, then every run of ``settings.runs`` from it; returns one result dict per run.
-
-    ``keep`` names a run (``(variant, text_data)``) whose trained model is returned as well (the demo model).
-    """
+def seed_setup(bench, settings, seed):
+    """One seed's data (image and text batches) and its stage-1 projector, shared by every run of that seed."""
     torch.manual_seed(seed)
     train_samples = tasks.multimodal_samples(settings.stage2_steps * settings.batch_size, seed=seed)
     image_batches = batches_of(bench.collator, train_samples, settings.batch_size)
@@ -189,42 +197,118 @@ def run_seed(bench, settings, seed, keep=None):
     stage1.configure_training(stage=1)
     stage1_schedule = [(image_batches[i % len(image_batches)], {}) for i in range(settings.stage1_steps)]
     train(stage1, stage1_schedule, settings.learning_rate, desc=f"seed {seed} stage 1 (projector)")
-    projector_state = stage1.multi_modal_projector.state_dict()
+    return SeedSetup(seed, image_batches, text_batches, stage1.multi_modal_projector.state_dict())
 
+
+@dataclass
+class SeedSetup:
+    seed: int
+    image_batches: list
+    text_batches: list
+    projector_state: dict
+
+
+def build_run(bench, settings, setup, name):
+    """The untrained model of variant ``name`` on ``setup``'s stage-1 projector (the same for every run order)."""
+    torch.manual_seed(setup.seed)
+    return VARIANTS_BY_NAME[name].build(bench.base, bench.vision_tower, setup.projector_state, settings.lora_rank,
+                                        downsample_ratio=settings.downsample_ratio)
+
+
+def train_run(bench, settings, setup, name, text_data):
+    """Train and score one run ``(name, text_data)`` of ``setup``'s seed; returns its result dict and the model.
+
+    A run depends only on its seed's setup, not on which runs came before it, so runs can train in any order or
+    in parallel processes (``Settings.jobs``) and give the same numbers."""
+    variant, seed = VARIANTS_BY_NAME[name], setup.seed
+    model = build_run(bench, settings, setup, name)
+    trainable = sum(model.trainable_parameters().values())
+    schedule = [(batch, {}) for batch in setup.image_batches]
+    if text_data:  # text rows train the multimodal path (for Full-Finetune that is the LLM itself)
+        schedule += [(batch, {"route": "multimodal"}) for batch in setup.text_batches]
+        random.Random(seed).shuffle(schedule)
+    started = time.perf_counter()
+    label = f"{name}{' +text' if text_data else ''}"
+    final_loss = train(model, schedule, settings.learning_rate, desc=f"seed {seed} {label}", forward=variant.forward)
+    seconds = time.perf_counter() - started
+    shared = _text_scores(model, bench, variant.forward, route="multimodal")
+    non_shared = _text_scores(model, bench, variant.forward, route="text") if variant.has_base else None
+    result = {
+        "seed": seed, "variant": name, "text_data": text_data, "trainable_parameters": trainable,
+        "train_seconds": round(seconds, 1), "final_loss": final_loss,
+        "multimodal": _multimodal_scores(model, bench, variant.forward),
+        "text_shared": {task: s.float().mean().item() for task, s in shared.items()},
+        "text_non_shared": None if non_shared is None else {t: s.float().mean().item() for t, s in non_shared.items()},
+        # the design's promise, checked sample by sample: the non-shared text path answers exactly as the base
+        "non_shared_equals_base": None if non_shared is None else all(
+            torch.equal(non_shared[task], bench.base_text_scores[task]) for task in non_shared
+        ),
+    }
+    logger.info("seed %d %s: multimodal %s, text shared %s", seed, label,
+                _mean(result["multimodal"]), _mean(result["text_shared"]))
+    return result, model
+
+
+def run_seed(bench, settings, seed, keep=None):
+    """Stage 1 once, then every run of ``settings.runs`` from it, one after another; returns one result dict per
+    run and the model of the run ``keep`` names (``(variant, text_data)``, the demo model), or ``None``."""
+    setup = seed_setup(bench, settings, seed)
     results, kept = [], None
     for name, text_data in settings.runs:
-        variant = VARIANTS_BY_NAME[name]
-        torch.manual_seed(seed)
-        model = variant.build(bench.base, bench.vision_tower, projector_state, settings.lora_rank,
-                              downsample_ratio=settings.downsample_ratio)
-        trainable = sum(model.trainable_parameters().values())
-        schedule = [(batch, {}) for batch in image_batches]
-        if text_data:  # text rows train the multimodal path (for Full-Finetune that is the LLM itself)
-            schedule += [(batch, {"route": "multimodal"}) for batch in text_batches]
-            random.Random(seed).shuffle(schedule)
-        started = time.perf_counter()
-        label = f"{name}{' +text' if text_data else ''}"
-        final_loss = train(model, schedule, settings.learning_rate, desc=f"seed {seed} {label}", forward=variant.forward)
-        seconds = time.perf_counter() - started
-        shared = _text_scores(model, bench, variant.forward, route="multimodal")
-        non_shared = _text_scores(model, bench, variant.forward, route="text") if variant.has_base else None
-        result = {
-            "seed": seed, "variant": name, "text_data": text_data, "trainable_parameters": trainable,
-            "train_seconds": round(seconds, 1), "final_loss": final_loss,
-            "multimodal": _multimodal_scores(model, bench, variant.forward),
-            "text_shared": {task: s.float().mean().item() for task, s in shared.items()},
-            "text_non_shared": None if non_shared is None else {t: s.float().mean().item() for t, s in non_shared.items()},
-            # the design's promise, checked sample by sample: the non-shared text path answers exactly as the base
-            "non_shared_equals_base": None if non_shared is None else all(
-                torch.equal(non_shared[task], bench.base_text_scores[task]) for task in non_shared
-            ),
-        }
-        logger.info("seed %d %s: multimodal %s, text shared %s", seed, label,
-                    _mean(result["multimodal"]), _mean(result["text_shared"]))
+        result, model = train_run(bench, settings, setup, name, text_data)
         results.append(result)
         if keep == (name, text_data):
             kept = model
     return results, kept
+
+
+# -- parallel runs: each worker process trains whole runs with settings.threads // settings.jobs threads ------------
+_WORKER = {}
+
+
+def _worker_start(settings, pretrained, log_level):
+    logging.basicConfig(level=log_level, format="%(message)s")
+    torch.set_num_threads(max(1, settings.threads // settings.jobs))
+    _WORKER["settings"] = settings
+    _WORKER["bench"] = prepare(settings, pretrained=pretrained, score_base=False)
+    _WORKER["setup"] = None
+
+
+def _worker_run(seed, name, text_data, keep):
+    settings, bench = _WORKER["settings"], _WORKER["bench"]
+    if _WORKER["setup"] is None or _WORKER["setup"].seed != seed:  # runs arrive grouped by seed
+        _WORKER["setup"] = None  # free the previous seed's batches first
+        _WORKER["setup"] = seed_setup(bench, settings, seed)
+    result, model = train_run(bench, settings, _WORKER["setup"], name, text_data)
+    return result, (model.state_dict() if keep else None)
+
+
+def run_in_workers(bench, settings, keep):
+    """Every ``(seed, run)`` in ``settings.jobs`` processes; results in the sequential order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    pretrained = {"base": bench.base.state_dict(), "vision": bench.vision_tower.state_dict()}
+    tasks_ = [(seed, name, text_data) for seed in settings.seeds for name, text_data in settings.runs]
+    keep_task = next(((seed, *keep) for seed, *run in tasks_ if keep is not None and tuple(run) == keep), None)
+    with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                             initargs=(settings, pretrained, logging.getLogger().level)) as pool:
+        futures = [pool.submit(_worker_run, *task, task == keep_task) for task in tasks_]
+        try:
+            outcomes = [future.result() for future in futures]
+        except BrokenProcessPool:
+            raise RuntimeError("a worker process of the miniature died (out of memory?); "
+                               "run the variants in turn with settings.jobs = 1 (--jobs 1)") from None
+    kept = None
+    for (seed, name, _), (_, state) in zip(tasks_, outcomes):
+        if state is not None:  # the kept run, rebuilt here from the worker's trained weights
+            prefix = "multi_modal_projector."
+            projector = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+            kept = build_run(bench, settings, SeedSetup(seed, [], [], projector), name)
+            kept.load_state_dict(state)
+            kept.eval()
+    return [result for result, _ in outcomes], kept
 
 
 def _mean(scores):
@@ -239,11 +323,14 @@ def run(settings, keep=None):
     started = time.perf_counter()
     try:
         bench = prepare(settings)
-        results, kept = [], None
-        for seed in settings.seeds:
-            seed_results, seed_kept = run_seed(bench, settings, seed, keep=keep if kept is None else None)
-            results += seed_results
-            kept = kept or seed_kept
+        if settings.jobs > 1:
+            results, kept = run_in_workers(bench, settings, keep)
+        else:
+            results, kept = [], None
+            for seed in settings.seeds:
+                seed_results, seed_kept = run_seed(bench, settings, seed, keep=keep if kept is None else None)
+                results += seed_results
+                kept = kept or seed_kept
     finally:
         torch.set_num_threads(threads)
     report = {

@@ -2,6 +2,7 @@
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import SiglipVisionModel
 from genieblue_hf import GenieBlueForConditionalGeneration, GenieBlueProcessor
 from genieblue_hf.cli import main as cli_main
 from genieblue_hf.demo import DEMO_MODEL_DIR, load_demo_model
-from genieblue_paper import Settings, pretrain, render, reproduce, tasks
+from genieblue_paper import Settings, experiment, pretrain, render, reproduce, tasks
 from genieblue_paper import report as report_module
 from genieblue_paper.loop import accuracy_by_kind, batches_of, exact_match
 from genieblue_paper.variants import VARIANTS_BY_NAME, VisualExpertLinear, image_token_mask, make_visual_experts
@@ -93,6 +94,32 @@ def test_settings_name_bad_values():
         Settings(runs=(("BLIP", True),)).check()
     with pytest.raises(ValueError, match="stage2_steps"):
         Settings(stage2_steps=0).check()
+    with pytest.raises(ValueError, match=r"settings.jobs must be between 1 and settings.threads \(2\), got 3"):
+        Settings(jobs=3).check()
+
+
+def test_runs_in_worker_processes_equal_the_runs_in_turn():
+    """``Settings.jobs``: a run depends only on its seed's setup, so two worker processes of one thread each give
+    the same results and the same kept model, weight for weight, as one process running the runs in turn."""
+    settings = replace(Settings.quick(), runs=(("LoRA", True), ("GenieBlue-Skip", True)), threads=1, jobs=1)
+    keep = ("GenieBlue-Skip", True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bench = experiment.prepare(settings)
+        in_turn, kept = experiment.run_seed(bench, settings, 0, keep=keep)
+    finally:
+        torch.set_num_threads(threads)
+    in_workers, kept_in_worker = experiment.run_in_workers(bench, replace(settings, threads=2, jobs=2), keep)
+
+    def untimed(results):
+        return [{k: v for k, v in result.items() if k != "train_seconds"} for result in results]
+
+    assert untimed(in_workers) == untimed(in_turn)
+    assert in_turn[1]["multimodal"] and in_turn[1]["non_shared_equals_base"] is True
+    state, state_in_worker = kept.state_dict(), kept_in_worker.state_dict()
+    assert state.keys() == state_in_worker.keys()
+    assert all(torch.equal(state[key], state_in_worker[key]) for key in state)
 
 
 # -- parts --------------------------------------------------------------------------------------------------------

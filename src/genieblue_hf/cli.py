@@ -65,6 +65,8 @@ def _bench_paper(args):
         settings.seeds = tuple(args.seeds)
     if args.stage2_steps:
         settings.stage2_steps = args.stage2_steps
+    if args.jobs:
+        settings.jobs = args.jobs
     settings.cache_dir = args.cache_dir
     reproduce(args.out, settings, demo_model_dir=args.save_demo_model, overwrite=args.overwrite)
 
@@ -151,6 +153,8 @@ def build_parser():
     paper.add_argument("--quick", action="store_true", help="seconds-long settings (one seed, three variants)")
     paper.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
     paper.add_argument("--stage2-steps", type=int, help="image batches per variant in stage 2")
+    paper.add_argument("--jobs", type=int, help="variant runs trained at once, each in its own process with its share "
+                                                "of the CPU threads (default 2; 1 runs them in turn)")
     paper.add_argument("--save-demo-model", metavar="DIR", help="also save the first seed's GenieBlue-Skip model")
     paper.add_argument("--cache-dir", help="reuse the pretrained base and vision tower between runs")
     paper.add_argument("--overwrite", action="store_true")
