@@ -98,6 +98,15 @@ def test_settings_name_bad_values():
         Settings(jobs=3).check()
 
 
+def test_the_kept_model_is_the_best_seeds():
+    def run(seed, colour):
+        return {"seed": seed, "multimodal": {"colour": colour, "count": 1.0}}, f"model of seed {seed}"
+
+    assert experiment.best_kept([run(0, 0.8), run(1, 1.0), run(2, 0.9)])[1] == "model of seed 1"
+    assert experiment.best_kept([run(0, 1.0), run(1, 1.0)])[1] == "model of seed 0"  # the first among equals
+    assert experiment.best_kept([]) is None
+
+
 def test_runs_in_worker_processes_equal_the_runs_in_turn():
     """``Settings.jobs``: a run depends only on its seed's setup, so two worker processes of one thread each give
     the same results and the same kept model, weight for weight, as one process running the runs in turn."""
@@ -226,20 +235,16 @@ def _scores_by_kind(model, processor, samples, kinds):
     return accuracy_by_kind(exact_match(model, batches_of(collator, samples, 100), stop), kinds)
 
 
-def test_demo_model_is_small_and_answers_image_questions(demo):
-    """On scenes it never saw (another seed than training and the experiment's test set), 100 questions per kind.
-
-    A guard on the shipped model, at its measured level (docs/paper_in_miniature.md: count 100%, count_plus 100%,
-    shape 72%, colour 66%, position 58%), short of the >= 90% per kind the miniature aims for: its base binds words
-    to objects in a scene described in words, but the image side does not carry that over."""
+def test_demo_model_is_small_and_answers_every_kind_of_image_question(demo):
+    """On scenes it never saw (another seed than training and the experiment's test set), 100 questions per kind,
+    every kind at >= 90% (measured: 100% on every kind)."""
     model, processor = demo
     size = sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir())
     assert size < 4_000_000
     samples = tasks.multimodal_samples(500, seed=4242)
     scores = _scores_by_kind(model, processor, samples, [sample["kind"] for sample in samples])
     assert set(scores) == set(tasks.QUESTION_KINDS)
-    assert scores["count"] == 1.0 and scores["count_plus"] >= 0.95, scores
-    assert min(scores.values()) >= 0.5 and sum(scores.values()) / len(scores) >= 0.75, scores
+    assert all(score >= 0.9 for score in scores.values()), scores
 
 
 def test_demo_model_text_path_answers_the_text_task(demo):

@@ -147,7 +147,7 @@ def build_parser():
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
     paper = benches.add_parser(
-        "paper", help="the paper's Tables 3-6 in miniature: synthetic data, tiny models, CPU, ~1 hour"
+        "paper", help="the paper's Tables 3-6 in miniature: synthetic data, tiny models, CPU, ~2 hours"
     )
     paper.add_argument("--out", default="docs/miniature", help="folder for results.json, tables.md, retention.png")
     paper.add_argument("--quick", action="store_true", help="seconds-long settings (one seed, three variants)")
@@ -155,7 +155,7 @@ def build_parser():
     paper.add_argument("--stage2-steps", type=int, help="image batches per variant in stage 2")
     paper.add_argument("--jobs", type=int, help="variant runs trained at once, each in its own process with its share "
                                                 "of the CPU threads (default 2; 1 runs them in turn)")
-    paper.add_argument("--save-demo-model", metavar="DIR", help="also save the first seed's GenieBlue-Skip model")
+    paper.add_argument("--save-demo-model", metavar="DIR", help="also save the GenieBlue-Skip model of the best seed")
     paper.add_argument("--cache-dir", help="reuse the pretrained base and vision tower between runs")
     paper.add_argument("--overwrite", action="store_true")
     paper.add_argument("--from-results", metavar="RESULTS_JSON",
