@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import tqdm
 
 from genieblue_hf.modeling.modeling_genieblue import GenieBlueForConditionalGeneration
 from genieblue_hf.modeling.processing_genieblue import GenieBlueProcessor
@@ -267,6 +268,9 @@ _WORKER = {}
 
 
 def _worker_start(settings, pretrained, log_level):
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # the parent shows one bar over all runs; a worker logs each run's scores
     logging.basicConfig(level=log_level, format="%(message)s")
     torch.set_num_threads(max(1, settings.threads // settings.jobs))
     _WORKER["settings"] = settings
@@ -287,7 +291,7 @@ def run_in_workers(bench, settings, keep):
     """Every ``(seed, run)`` in ``settings.jobs`` processes; returns the results in the order ``run`` gives them and
     the model of the run ``keep`` names, from its best seed (``best_kept``)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     pretrained = {"base": bench.base.state_dict(), "vision": bench.vision_tower.state_dict()}
@@ -296,6 +300,8 @@ def run_in_workers(bench, settings, keep):
                              initargs=(settings, pretrained, logging.getLogger().level)) as pool:
         futures = [pool.submit(_worker_run, *task, keep is not None and task[1:] == keep) for task in tasks_]
         try:
+            for _ in tqdm(as_completed(futures), total=len(futures), desc=f"variant runs, {settings.jobs} at a time"):
+                pass
             outcomes = [future.result() for future in futures]
         except BrokenProcessPool:
             raise RuntimeError("a worker process of the miniature died (out of memory?); "
