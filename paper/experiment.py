@@ -251,16 +251,14 @@ def train_run(bench, settings, setup, name, text_data):
 
 
 def run_seed(bench, settings, seed, keep=None):
-    """Stage 1 once, then every run of ``settings.runs`` from it, one after another; returns one result dict per
-    run and the model of the run ``keep`` names (``(variant, text_data)``, the demo model), or ``None``."""
+    """Stage 1 once, then every run of ``settings.runs`` from it, one after another; returns ``(result, model)``
+    per run, the model only for the run ``keep`` names (``(variant, text_data)``, the demo model), else ``None``."""
     setup = seed_setup(bench, settings, seed)
-    results, kept = [], None
+    outcomes = []
     for name, text_data in settings.runs:
         result, model = train_run(bench, settings, setup, name, text_data)
-        results.append(result)
-        if keep == (name, text_data):
-            kept = model
-    return results, kept
+        outcomes.append((result, model if keep == (name, text_data) else None))
+    return outcomes
 
 
 # -- parallel runs: each worker process trains whole runs with settings.threads // settings.jobs threads ------------
@@ -288,8 +286,8 @@ def _worker_run(seed, name, text_data, keep):
 
 
 def run_in_workers(bench, settings, keep):
-    """Every ``(seed, run)`` in ``settings.jobs`` processes; returns the results in the order ``run`` gives them and
-    the model of the run ``keep`` names, from its best seed (``best_kept``)."""
+    """Every ``(seed, run)`` in ``settings.jobs`` processes; returns ``(result, model)`` per run as ``run_seed``
+    does, seed after seed, the kept runs rebuilt here from their workers' trained weights."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -306,16 +304,16 @@ def run_in_workers(bench, settings, keep):
         except BrokenProcessPool:
             raise RuntimeError("a worker process of the miniature died (out of memory?); "
                                "run the variants in turn with settings.jobs = 1 (--jobs 1)") from None
-    results = [result for result, _ in outcomes]
-    best = best_kept([(result, state) for result, state in outcomes if state is not None])
-    if best is None:
-        return results, None
-    result, state = best
-    prefix = "multi_modal_projector."  # the kept run, rebuilt here from the worker's trained weights
+    return [(result, None if state is None else _rebuild(bench, settings, result, state)) for result, state in outcomes]
+
+
+def _rebuild(bench, settings, result, state):
+    """The trained model of ``result``'s run from its ``state_dict`` (the projector state is in it too)."""
+    prefix = "multi_modal_projector."
     projector = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    kept = build_run(bench, settings, SeedSetup(result["seed"], [], [], projector), result["variant"])
-    kept.load_state_dict(state)
-    return results, kept.eval()
+    model = build_run(bench, settings, SeedSetup(result["seed"], [], [], projector), result["variant"])
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def best_kept(candidates):
@@ -348,17 +346,11 @@ def run(settings, keep=None):
     try:
         bench = prepare(settings)
         if settings.jobs > 1:
-            results, kept = run_in_workers(bench, settings, keep)
+            outcomes = run_in_workers(bench, settings, keep)
         else:
-            results, candidates = [], []
-            for seed in settings.seeds:
-                seed_results, seed_kept = run_seed(bench, settings, seed, keep=keep)
-                results += seed_results
-                if seed_kept is not None:
-                    candidates.append((next(r for r in seed_results if (r["variant"], r["text_data"]) == keep),
-                                       seed_kept))
-            best = best_kept(candidates)
-            kept = None if best is None else best[1]
+            outcomes = [outcome for seed in settings.seeds for outcome in run_seed(bench, settings, seed, keep=keep)]
+        best = best_kept([(result, model) for result, model in outcomes if model is not None])
+        results, kept = [result for result, _ in outcomes], (None if best is None else best[1])
     finally:
         torch.set_num_threads(threads)
     report = {

@@ -116,16 +116,18 @@ def test_runs_in_worker_processes_equal_the_runs_in_turn():
     torch.set_num_threads(1)
     try:
         bench = experiment.prepare(settings)
-        in_turn, kept = experiment.run_seed(bench, settings, 0, keep=keep)
+        in_turn = experiment.run_seed(bench, settings, 0, keep=keep)
     finally:
         torch.set_num_threads(threads)
-    in_workers, kept_in_worker = experiment.run_in_workers(bench, replace(settings, threads=2, jobs=2), keep)
+    in_workers = experiment.run_in_workers(bench, replace(settings, threads=2, jobs=2), keep)
 
-    def untimed(results):
-        return [{k: v for k, v in result.items() if k != "train_seconds"} for result in results]
+    def untimed(outcomes):
+        return [{k: v for k, v in result.items() if k != "train_seconds"} for result, _ in outcomes]
 
+    kept, kept_in_worker = in_turn[1][1], in_workers[1][1]
+    assert [model is None for _, model in in_turn] == [model is None for _, model in in_workers] == [True, False]
     assert untimed(in_workers) == untimed(in_turn)
-    assert in_turn[1]["multimodal"] and in_turn[1]["non_shared_equals_base"] is True
+    assert in_turn[1][0]["multimodal"] and in_turn[1][0]["non_shared_equals_base"] is True
     state, state_in_worker = kept.state_dict(), kept_in_worker.state_dict()
     assert state.keys() == state_in_worker.keys()
     assert all(torch.equal(state[key], state_in_worker[key]) for key in state)
