@@ -96,6 +96,26 @@ def test_settings_name_bad_values():
         Settings(stage2_steps=0).check()
     with pytest.raises(ValueError, match=r"settings.jobs must be between 1 and settings.threads \(2\), got 3"):
         Settings(jobs=3).check()
+    with pytest.raises(ValueError, match="settings.stage2_reading_share must be between 0 and 1, got 1.5"):
+        Settings(stage2_reading_share=1.5).check()
+
+
+def test_stage2_text_data_is_reading_only_by_default():
+    """The mixed-in text data rehearses reading, not the benchmark's facts and sums (``stage2_reading_share``), so a
+    path that shares the base's weights can forget those, as the paper's shared variants lose text ability."""
+    settings = replace(Settings.quick(), stage2_steps=8, text_mix=1.0)
+    bench = experiment.prepare(settings, score_base=False)
+    tokenizer = bench.processor.tokenizer
+
+    def questions(setup):
+        rows = [row for batch in setup.text_batches for row in batch["input_ids"]]
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+    default = questions(experiment.seed_setup(bench, settings, 0))
+    assert len(default) == 8 * settings.batch_size
+    assert all("scene:" in text and "where does" not in text and "what is" not in text for text in default)
+    rehearsed = questions(experiment.seed_setup(bench, replace(settings, stage2_reading_share=0.0), 0))
+    assert all("scene:" not in text and ("where does" in text or "what is" in text) for text in rehearsed)
 
 
 def test_the_kept_model_is_the_best_seeds():
