@@ -26,8 +26,8 @@ def reproduce(out_dir, settings=None, demo_model_dir=None, overwrite=False):
     """Run the experiment and write ``results.json``, ``tables.md`` and ``retention.png`` into ``out_dir``.
 
     With ``demo_model_dir``, a GenieBlue-Skip model (trained with text data, as the tables' main rows) is saved
-    there with its processor: the seed's whose multimodal average is best (``experiment.best_kept``). Both folders are written atomically; existing ones are refused
-    before any training unless ``overwrite``. Returns the report.
+    there with its processor: the seed's whose multimodal average is best (``experiment.best_kept``). Both folders
+    are written atomically; existing ones are refused before any training unless ``overwrite``. Returns the report.
     """
     from . import report as tables
 

@@ -333,11 +333,7 @@ def best_kept(candidates):
         scores = candidate[0]["multimodal"]
         return sum(scores.values()) / len(scores)
 
-    best = None
-    for candidate in candidates:
-        if best is None or average(candidate) > average(best):
-            best = candidate
-    return best
+    return max(candidates, key=average, default=None)  # max keeps the first of equal maxima
 
 
 def _mean(scores):
